@@ -1,0 +1,224 @@
+"""`ulrec`: the one front door.
+
+Every stage is a subcommand taking ``--config`` and dotted overrides (``policy.temperature=0.5``).
+This module is the sanctioned exception to the layering rule: it stands on top of everything and
+imports each layer (rollout/, train/, serve/) lazily inside its subcommand, so ``ulrec data`` works
+without Ray being started.
+
+User errors (bad config, bad data, bad arguments) print one line to stderr and exit non-zero:
+2 for configuration errors, 1 for input/data errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from ulrec.config import Config, ConfigError, load_config
+from ulrec.errors import UlrecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+data_app = typer.Typer(no_args_is_help=True, help="Datasets → Parquet.")
+env_app = typer.Typer(no_args_is_help=True, help="Simulated users.")
+model_app = typer.Typer(no_args_is_help=True, help="Base model.")
+train_app = typer.Typer(no_args_is_help=True, help="ULRec training stages (Ray Train).")
+app.add_typer(data_app, name="data")
+app.add_typer(env_app, name="env")
+app.add_typer(model_app, name="model")
+app.add_typer(train_app, name="train")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file overriding the defaults.")
+OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. policy.temperature=0.5")
+
+
+def _defaults_env() -> None:
+    # Nothing may reach a hub; W&B stays offline unless a key is set.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _load(config: Optional[str], overrides: Optional[List[str]]) -> Config:
+    return load_config(config, overrides or [])
+
+
+def _show(result: Any) -> None:
+    if result is None:
+        return
+    if isinstance(result, str):
+        typer.echo(result)
+        return
+    import json
+
+    typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+def _stage(config: Optional[str], overrides: Optional[List[str]], fn: Callable[[Config], Any]) -> None:
+    cfg = _load(config, overrides)
+    _show(fn(cfg))
+
+
+# -------------------------------------------------------------------------------------------- data
+@data_app.command("prepare")
+def data_prepare(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Read the raw dataset, filter, split by time, write Parquet and stats."""
+    from ulrec.data import prepare_data, stats_table
+
+    cfg = _load(config, overrides)
+    stats = prepare_data(cfg)
+    typer.echo(stats_table(stats))
+
+
+@data_app.command("stats")
+def data_stats(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Print the stats of the prepared dataset (like the paper's Table 3)."""
+    from ulrec.data import load_stats, stats_table
+
+    cfg = _load(config, overrides)
+    typer.echo(stats_table(load_stats(cfg)))
+
+
+# ------------------------------------------------------------------------------------- simulators
+@env_app.command("fit")
+def env_fit(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Fit and save the train and test simulators; print fit quality and τ_d calibration."""
+    from ulrec.simulator.fit import fit_simulators
+
+    _stage(config, overrides, fit_simulators)
+
+
+# ------------------------------------------------------------------------------------------ model
+@model_app.command("init")
+def model_init(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Build and warm-start the embedded base model (a small Llama) in the run directory."""
+    from ulrec.model_init import build_base_model
+
+    _stage(config, overrides, build_base_model)
+
+
+# ---------------------------------------------------------------------------------------- rollout
+@app.command("rollout")
+def rollout(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Run simulated users against policy replicas on Ray; write episodes as Parquet."""
+    from rollout.driver import rollout_stage
+
+    _stage(config, overrides, rollout_stage)
+
+
+# --------------------------------------------------------------------------------------- training
+@train_app.command("rows")
+def train_rows(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Turn the training rollouts into SFT and KTO rows (Parquet)."""
+    from train.rows import rows_stage
+
+    _stage(config, overrides, rows_stage)
+
+
+@train_app.command("sft")
+def train_sft(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Stage 1 (ULRec-P): SFT on positives under Ray Train."""
+    from train.stages import sft_stage
+
+    _stage(config, overrides, sft_stage)
+
+
+@train_app.command("kto")
+def train_kto(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Stage 2 (ULRec): KTO on title tokens + α·SFT under Ray Train."""
+    from train.stages import kto_stage
+
+    _stage(config, overrides, kto_stage)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def evaluate(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Evaluate methods on the test simulator (paper §4.1.4)."""
+    from rollout.evaluate import eval_stage
+
+    _stage(config, overrides, eval_stage)
+
+
+@app.command("report")
+def report(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Write report.md, results.json and plots from the run directory."""
+    from ulrec.report import report_stage
+
+    _stage(config, overrides, report_stage)
+
+
+@app.command("run")
+def run(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Chain every stage; finished stages (same inputs) are skipped."""
+    from ulrec.pipeline import run_pipeline
+
+    _stage(config, overrides, run_pipeline)
+
+
+@app.command("sweep")
+def sweep(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """β × α grid of the KTO stage (paper Fig. 4)."""
+    from ulrec.pipeline import run_sweep
+
+    _stage(config, overrides, run_sweep)
+
+
+@app.command("baselines")
+def baselines(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Train and evaluate the RL baselines on RLlib."""
+    from train.baselines.run import baselines_stage
+
+    _stage(config, overrides, baselines_stage)
+
+
+@app.command("serve")
+def serve(
+    config: Optional[str] = ConfigOpt,
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="HF model directory to serve."),
+    overrides: Optional[List[str]] = OverridesArg,
+) -> None:
+    """Serve the tuned recommender over HTTP with Ray Serve."""
+    from serve.app import serve_stage
+
+    extra = list(overrides or [])
+    if checkpoint:
+        extra.append(f"serve.checkpoint={checkpoint}")
+    _stage(config, extra, serve_stage)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _defaults_env()
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        print(f"ulrec: error: {exc}", file=sys.stderr)
+        return 2
+    except UlrecError as exc:
+        print(f"ulrec: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ulrec: interrupted", file=sys.stderr)
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

