@@ -60,8 +60,14 @@ def _show(result: Any) -> None:
     typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
 
 
-def _stage(config: Optional[str], overrides: Optional[List[str]], fn: Callable[[Config], Any]) -> None:
+def _stage(config: Optional[str], overrides: Optional[List[str]], stage: str) -> None:
+    """Validate the config first (so config errors never wait on heavy imports), then run the stage
+    function named ``module:function``."""
     cfg = _load(config, overrides)
+    import importlib
+
+    module_name, fn_name = stage.split(":")
+    fn: Callable[[Config], Any] = getattr(importlib.import_module(module_name), fn_name)
     _show(fn(cfg))
 
 
@@ -69,9 +75,9 @@ def _stage(config: Optional[str], overrides: Optional[List[str]], fn: Callable[[
 @data_app.command("prepare")
 def data_prepare(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Read the raw dataset, filter, split by time, write Parquet and stats."""
+    cfg = _load(config, overrides)
     from ulrec.data import prepare_data, stats_table
 
-    cfg = _load(config, overrides)
     stats = prepare_data(cfg)
     typer.echo(stats_table(stats))
 
@@ -79,9 +85,9 @@ def data_prepare(config: Optional[str] = ConfigOpt, overrides: Optional[List[str
 @data_app.command("stats")
 def data_stats(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Print the stats of the prepared dataset (like the paper's Table 3)."""
+    cfg = _load(config, overrides)
     from ulrec.data import load_stats, stats_table
 
-    cfg = _load(config, overrides)
     typer.echo(stats_table(load_stats(cfg)))
 
 
@@ -89,93 +95,130 @@ def data_stats(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]]
 @env_app.command("fit")
 def env_fit(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Fit and save the train and test simulators; print fit quality and τ_d calibration."""
-    from ulrec.simulator.fit import fit_simulators
-
-    _stage(config, overrides, fit_simulators)
+    _stage(config, overrides, "ulrec.simulator.fit:fit_simulators")
 
 
 # ------------------------------------------------------------------------------------------ model
 @model_app.command("init")
 def model_init(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Build and warm-start the embedded base model (a small Llama) in the run directory."""
-    from ulrec.model_init import build_base_model
-
-    _stage(config, overrides, build_base_model)
+    _stage(config, overrides, "ulrec.model_init:build_base_model")
 
 
 # ---------------------------------------------------------------------------------------- rollout
 @app.command("rollout")
 def rollout(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Run simulated users against policy replicas on Ray; write episodes as Parquet."""
-    from rollout.driver import rollout_stage
-
-    _stage(config, overrides, rollout_stage)
+    _stage(config, overrides, "rollout.driver:rollout_stage")
 
 
 # --------------------------------------------------------------------------------------- training
 @train_app.command("rows")
 def train_rows(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Turn the training rollouts into SFT and KTO rows (Parquet)."""
-    from train.rows import rows_stage
-
-    _stage(config, overrides, rows_stage)
+    _stage(config, overrides, "train.rows:rows_stage")
 
 
 @train_app.command("sft")
 def train_sft(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Stage 1 (ULRec-P): SFT on positives under Ray Train."""
-    from train.stages import sft_stage
-
-    _stage(config, overrides, sft_stage)
+    _stage(config, overrides, "train.stages:sft_stage")
 
 
 @train_app.command("kto")
 def train_kto(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Stage 2 (ULRec): KTO on title tokens + α·SFT under Ray Train."""
-    from train.stages import kto_stage
-
-    _stage(config, overrides, kto_stage)
+    _stage(config, overrides, "train.stages:kto_stage")
 
 
 # ------------------------------------------------------------------------------------- evaluation
 @app.command("eval")
 def evaluate(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Evaluate methods on the test simulator (paper §4.1.4)."""
-    from rollout.evaluate import eval_stage
-
-    _stage(config, overrides, eval_stage)
+    _stage(config, overrides, "rollout.evaluate:eval_stage")
 
 
 @app.command("report")
 def report(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Write report.md, results.json and plots from the run directory."""
-    from ulrec.report import report_stage
+    _stage(config, overrides, "ulrec.report:report_stage")
 
-    _stage(config, overrides, report_stage)
+
+# The main job. Each stage writes under the run directory and returns at once when its outputs exist
+# for the same inputs, so an interrupted run resumes where it stopped.
+PIPELINE = [
+    ("data", "ulrec.data:prepare_data"),
+    ("simulators", "ulrec.simulator.fit:fit_simulators"),
+    ("base model", "ulrec.model_init:build_base_model"),
+    ("training rollouts", "rollout.driver:rollout_stage"),
+    ("feedback rows", "train.rows:rows_stage"),
+    ("SFT (ULRec-P)", "train.stages:sft_stage"),
+    ("KTO (ULRec)", "train.stages:kto_stage"),
+]
+
+
+def _call(stage: str, cfg: Config) -> Any:
+    import importlib
+
+    module_name, fn_name = stage.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)(cfg)
+
+
+def run_pipeline(cfg: Config) -> str:
+    import time
+
+    timings = {}
+    stages = list(PIPELINE)
+    if cfg.policy.model:  # a named HF model replaces the embedded base model
+        stages = [s for s in stages if s[0] != "base model"]
+    if cfg.rollout.split != "train":
+        raise UlrecError("rollout.split must be 'train' for `ulrec run` (training data comes from train users)")
+    for name, stage in stages:
+        start = time.perf_counter()
+        typer.echo(f"== {name}")
+        _call(stage, cfg)
+        timings[name] = time.perf_counter() - start
+    if cfg.eval.ablations:
+        for variant in ("no_sft", "no_kto"):
+            start = time.perf_counter()
+            typer.echo(f"== ablation {variant}")
+            ablation = cfg.model_copy(deep=True)
+            ablation.kto.variant = variant
+            _call("train.stages:kto_stage", ablation)
+            timings[f"ablation {variant}"] = time.perf_counter() - start
+    if cfg.baselines.enabled:
+        start = time.perf_counter()
+        typer.echo("== RL baselines")
+        _call("train.baselines.run:baselines_stage", cfg)
+        timings["baselines"] = time.perf_counter() - start
+    for name, stage in [("evaluation", "rollout.evaluate:eval_stage"), ("report", "ulrec.report:report_stage")]:
+        start = time.perf_counter()
+        typer.echo(f"== {name}")
+        out = _call(stage, cfg)
+        timings[name] = time.perf_counter() - start
+    from ulrec.io import write_json
+
+    write_json(cfg.run_dir / "timings.json", timings)
+    total = sum(timings.values())
+    return f"{out}\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total:.0f}"
 
 
 @app.command("run")
 def run(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Chain every stage; finished stages (same inputs) are skipped."""
-    from ulrec.pipeline import run_pipeline
-
-    _stage(config, overrides, run_pipeline)
+    _show(run_pipeline(_load(config, overrides)))
 
 
 @app.command("sweep")
 def sweep(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """β × α grid of the KTO stage (paper Fig. 4)."""
-    from ulrec.pipeline import run_sweep
-
-    _stage(config, overrides, run_sweep)
+    _stage(config, overrides, "train.sweep:sweep_stage")
 
 
 @app.command("baselines")
 def baselines(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Train and evaluate the RL baselines on RLlib."""
-    from train.baselines.run import baselines_stage
-
-    _stage(config, overrides, baselines_stage)
+    _stage(config, overrides, "train.baselines.run:baselines_stage")
 
 
 @app.command("serve")
@@ -185,12 +228,10 @@ def serve(
     overrides: Optional[List[str]] = OverridesArg,
 ) -> None:
     """Serve the tuned recommender over HTTP with Ray Serve."""
-    from serve.app import serve_stage
-
     extra = list(overrides or [])
     if checkpoint:
         extra.append(f"serve.checkpoint={checkpoint}")
-    _stage(config, extra, serve_stage)
+    _stage(config, extra, "serve.app:serve_stage")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

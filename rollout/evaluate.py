@@ -1,0 +1,102 @@
+"""`ulrec eval`: every LLM method through one code path (paper §4.1.4).
+
+Test simulator, ``eval.num_users`` test users drawn with a fixed seed, temperature
+``eval.temperature``, horizon ``eval.max_steps``, one run per seed in ``eval.seeds``. Each method's
+episodes go to ``eval/<method>/episodes`` and its summary to ``eval/<method>/summary.json``; a
+method whose inputs did not change is not evaluated again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ulrec.config import Config, section_hash
+from ulrec.errors import UlrecError
+from ulrec.evaluation import (
+    ABLATION_METHODS,
+    METHOD_CHECKPOINTS,
+    METHOD_LABELS,
+    read_episodes,
+    select_eval_users,
+    summarize_episodes,
+)
+from ulrec.io import mark_stage_done, read_json, stage_done, write_json
+
+
+def base_model_dir(cfg: Config) -> Path:
+    return Path(cfg.policy.model) if cfg.policy.model else cfg.run_dir / "model" / "base"
+
+
+def method_model_dir(cfg: Config, method: str) -> Path:
+    if method not in METHOD_CHECKPOINTS:
+        known = ", ".join(METHOD_CHECKPOINTS)
+        raise UlrecError(f"eval.methods: unknown method '{method}' (known: {known})")
+    sub = METHOD_CHECKPOINTS[method]
+    return base_model_dir(cfg) if sub is None else cfg.run_dir / "checkpoints" / sub
+
+
+def eval_methods(cfg: Config) -> list[str]:
+    methods = list(cfg.eval.methods)
+    if cfg.eval.ablations:
+        methods += [m for m in ABLATION_METHODS if m not in methods]
+    return methods
+
+
+def _model_fingerprint(model_dir: Path) -> str:
+    """Changes whenever the checkpoint is rewritten (stage marker if present, else weights' mtime)."""
+    marker = model_dir / "_stage.json"
+    if marker.is_file():
+        return marker.read_text()
+    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in weights)
+
+
+def evaluate_model(
+    cfg: Config, method: str, model_dir: Path, users: list[int], out_root: Path | None = None
+) -> dict[str, Any]:
+    """Evaluate one model directory on the test simulator; returns its summary (cached)."""
+    from rollout.driver import run_rollout
+
+    if not (model_dir / "config.json").is_file():
+        raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
+    method_dir = (out_root or cfg.run_dir / "eval") / method
+    input_hash = section_hash(
+        cfg, "eval", "env", "policy", "grounding", extra=[users, _model_fingerprint(model_dir)]
+    )
+    if stage_done(method_dir, input_hash):
+        return read_json(method_dir / "summary.json")
+    rollout_summary = run_rollout(
+        cfg,
+        model_dir=str(model_dir),
+        split="test",
+        user_ids=users,
+        seeds=list(cfg.eval.seeds),
+        temperature=cfg.eval.temperature,
+        max_steps=cfg.eval.max_steps,
+        out_dir=method_dir / "episodes",
+        policy_name=method,
+    )
+    summary = summarize_episodes(read_episodes(method_dir / "episodes"))
+    summary.update(
+        method=method,
+        label=METHOD_LABELS.get(method, method),
+        model_dir=str(model_dir),
+        tokens_per_s=rollout_summary.get("tokens_per_s"),
+        wall_s=rollout_summary.get("wall_s"),
+    )
+    write_json(method_dir / "summary.json", summary)
+    mark_stage_done(method_dir, input_hash)
+    return summary
+
+
+def eval_stage(cfg: Config) -> dict[str, Any]:
+    users = select_eval_users(cfg, "test")
+    results = {}
+    for method in eval_methods(cfg):
+        summary = evaluate_model(cfg, method, method_model_dir(cfg, method), users)
+        results[method] = {
+            "Len": f"{summary['len_mean']:.2f} ± {summary['len_std']:.2f}",
+            "Traj Reward": f"{summary['reward_mean']:.2f} ± {summary['reward_std']:.2f}",
+        }
+    return results

@@ -1,0 +1,130 @@
+"""The evaluation protocol (paper §4.1.4), as pure functions shared by every method.
+
+Every method — the LLM policies and the RL baselines alike — is evaluated on the *test* simulator
+with the same users (``eval.num_users`` drawn with ``eval.user_seed``), the same sampling seeds and
+the same horizon, and its episodes are written in one Parquet schema. These functions pick the users
+and turn episodes into the numbers of the paper's Tables 1 and 2.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from ulrec.config import Config
+
+EXIT_REASONS = ("repeat", "low_reward", "similar", "format_error", "horizon")
+
+# LLM method → checkpoint sub-directory of the run (None → the base model).
+METHOD_CHECKPOINTS: dict[str, str | None] = {
+    "base": None,
+    "ulrec-p": "sft",
+    "ulrec": "kto",
+    "wo-sft": "kto_no_sft",
+    "wo-kto": "sft2",
+}
+ABLATION_METHODS = ("wo-sft", "wo-kto")
+METHOD_LABELS = {
+    "base": "Base",
+    "ulrec-p": "ULRec-P",
+    "ulrec": "ULRec",
+    "wo-sft": "w/o SFT",
+    "wo-kto": "w/o KTO",
+    "dqn": "DQN",
+    "a2c": "A2C",
+    "dorl": "DORL",
+    "cql": "CQL",
+    "bcq": "BCQ",
+    "crr": "CRR",
+    "sqn": "SQN",
+}
+
+
+def eval_user_pool(histories: dict[int, list[int]], min_history: int = 1) -> list[int]:
+    """Users of a split that have a history to show the policy, sorted by id."""
+    return sorted(u for u, items in histories.items() if len(items) >= min_history)
+
+
+def draw_users(pool: Iterable[int], num_users: int, seed: int) -> list[int]:
+    """A fixed-seed shuffle of the pool, first ``num_users`` (all if fewer)."""
+    pool = np.asarray(sorted(pool), dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    return [int(u) for u in pool[order][:num_users]]
+
+
+def select_eval_users(cfg: Config, split: str = "test") -> list[int]:
+    """The evaluation users: ``eval.num_users`` users of ``split`` drawn with ``eval.user_seed``."""
+    from ulrec.data import load_prepared
+
+    histories = load_prepared(cfg.run_dir).user_histories(split)
+    return draw_users(eval_user_pool(histories), cfg.eval.num_users, cfg.eval.user_seed)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan
+    # Population std over seeds would understate the spread of 3 runs; use the sample std.
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), std
+
+
+def _steps_frame(episodes: pd.DataFrame) -> pd.DataFrame:
+    if "steps" not in episodes or episodes.empty:
+        return pd.DataFrame(columns=["substituted", "reason", "item_id"])
+    rows = [s for steps in episodes["steps"] for s in (steps if steps is not None else [])]
+    return pd.DataFrame(rows, columns=["substituted", "reason", "item_id"]) if rows else pd.DataFrame(
+        columns=["substituted", "reason", "item_id"]
+    )
+
+
+def summarize_episodes(episodes: pd.DataFrame) -> dict[str, Any]:
+    """Len and Traj Reward (Eq. 4–5) per seed, then mean ± std over seeds; exit and grounding shares.
+
+    ``episodes`` has one row per (user, seed) episode with ``seed``, ``length``, ``total_reward``,
+    ``exit_reason`` and optionally ``steps`` (for grounding statistics).
+    """
+    if episodes.empty:
+        raise ValueError("no episodes to summarise")
+    per_seed = (
+        episodes.groupby("seed")
+        .agg(len_mean=("length", "mean"), reward_mean=("total_reward", "mean"), users=("user_id", "nunique"))
+        .reset_index()
+    )
+    len_mean, len_std = _mean_std(per_seed["len_mean"].tolist())
+    rew_mean, rew_std = _mean_std(per_seed["reward_mean"].tolist())
+    counts = episodes["exit_reason"].value_counts()
+    exit_shares = {r: float(counts.get(r, 0)) / len(episodes) for r in EXIT_REASONS}
+    steps = _steps_frame(episodes)
+    n_steps = len(steps)
+    if n_steps:
+        format_errors = int((steps["reason"] == "format_error").sum())
+        substituted = int(steps["substituted"].fillna(False).astype(bool).sum())
+        grounding = {
+            "steps": n_steps,
+            "exact": (n_steps - format_errors - substituted) / n_steps,
+            "substituted": substituted / n_steps,
+            "format_error": format_errors / n_steps,
+        }
+    else:
+        grounding = {"steps": 0, "exact": math.nan, "substituted": math.nan, "format_error": math.nan}
+    return {
+        "len_mean": len_mean,
+        "len_std": len_std,
+        "reward_mean": rew_mean,
+        "reward_std": rew_std,
+        "per_seed": per_seed.to_dict(orient="records"),
+        "episodes": int(len(episodes)),
+        "users": int(episodes["user_id"].nunique()),
+        "exit_shares": exit_shares,
+        "grounding": grounding,
+    }
+
+
+def read_episodes(path: str | Path) -> pd.DataFrame:
+    """Episodes written by a rollout or a baseline evaluation (a Parquet file or a directory of them)."""
+    return pd.read_parquet(path)

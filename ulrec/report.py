@@ -1,0 +1,314 @@
+"""The report people read: ``report.md``, ``results.json`` and PNG plots in the run directory.
+
+Tables are shaped like the paper's Table 1 (methods as columns) and Table 2 (ablations as rows).
+Every evaluated method — LLM policies and RL baselines — is found under ``eval/<method>/``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ulrec.config import Config
+from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summarize_episodes
+from ulrec.io import atomic_path, read_json, write_json, write_text
+from ulrec.tracking import read_metrics
+
+LLM_ORDER = ["base", "ulrec-p", "ulrec"]
+ABLATION_ORDER = ["base", "ulrec-p", "wo-sft", "wo-kto", "ulrec"]
+BASELINE_ORDER = ["bcq", "cql", "crr", "dqn", "sqn", "a2c", "dorl"]
+
+
+def _label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _episodes_path(method_dir: Path) -> Path | None:
+    for name in ("episodes", "episodes.parquet"):
+        if (method_dir / name).exists():
+            return method_dir / name
+    return None
+
+
+def collect_results(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Summaries of every evaluated method under ``run_dir/eval`` (method → summary)."""
+    results: dict[str, dict[str, Any]] = {}
+    eval_dir = run_dir / "eval"
+    if not eval_dir.is_dir():
+        return results
+    for method_dir in sorted(p for p in eval_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (method_dir / "summary.json").is_file():
+            results[method_dir.name] = read_json(method_dir / "summary.json")
+        elif (path := _episodes_path(method_dir)) is not None:
+            summary = summarize_episodes(read_episodes(path))
+            summary.update(method=method_dir.name, label=_label(method_dir.name))
+            results[method_dir.name] = summary
+    return results
+
+
+def _ordered(results: dict[str, Any], order: list[str]) -> list[str]:
+    known = [m for m in order if m in results]
+    return known
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def table_main(results: dict[str, dict[str, Any]]) -> str:
+    """Paper Table 1: baselines and LLM methods as columns; Len and Traj Reward as rows."""
+    methods = _ordered(results, BASELINE_ORDER + LLM_ORDER)
+    methods += [m for m in results if m not in methods and m not in ("wo-sft", "wo-kto")]
+    if not methods:
+        return "_no evaluated methods_\n"
+    head = "| | " + " | ".join(_label(m) for m in methods) + " |\n"
+    sep = "|---|" + "---|" * len(methods) + "\n"
+    len_row = "| Len ↑ | " + " | ".join(_fmt(results[m]["len_mean"], results[m]["len_std"]) for m in methods)
+    rew_row = "| Traj Reward ↑ | " + " | ".join(
+        _fmt(results[m]["reward_mean"], results[m]["reward_std"]) for m in methods
+    )
+    return head + sep + len_row + " |\n" + rew_row + " |\n"
+
+
+def table_ablation(results: dict[str, dict[str, Any]]) -> str:
+    """Paper Table 2: one row per ULRec variant."""
+    methods = _ordered(results, ABLATION_ORDER)
+    lines = ["| Method | Len ↑ | Traj Reward ↑ |", "|---|---|---|"]
+    for m in methods:
+        r = results[m]
+        lines.append(f"| {_label(m)} | {_fmt(r['len_mean'], r['len_std'])} | {_fmt(r['reward_mean'], r['reward_std'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_exits(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| Method | " + " | ".join(EXIT_REASONS) + " | exact titles | substituted | format errors |",
+        "|---|" + "---|" * (len(EXIT_REASONS) + 3),
+    ]
+    for m, r in results.items():
+        shares = " | ".join(f"{100 * r['exit_shares'].get(k, 0.0):.0f}%" for k in EXIT_REASONS)
+        g = r.get("grounding", {})
+
+        def pct(v: Any) -> str:
+            return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.0f}%"
+
+        lines.append(
+            f"| {_label(m)} | {shares} | {pct(g.get('exact'))} | {pct(g.get('substituted'))} | "
+            f"{pct(g.get('format_error'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def plot_len_distribution(run_dir: Path, methods: list[str], path: Path) -> Path | None:
+    data, labels = [], []
+    for m in methods:
+        ep = _episodes_path(run_dir / "eval" / m)
+        if ep is None:
+            continue
+        data.append(pd.read_parquet(ep, columns=["length"])["length"].to_numpy())
+        labels.append(_label(m))
+    if not data:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(data) + 2), 4))
+    ax.boxplot(data, showmeans=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30 if len(labels) > 5 else 0)
+    ax.set_ylabel("Len (accepted steps per episode)")
+    ax.set_title("Interaction length on the test simulator (all users × seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_exit_reasons(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    if not results:
+        return None
+    plt = _plt()
+    methods = list(results)
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods) + 2), 4))
+    bottom = np.zeros(len(methods))
+    for reason in EXIT_REASONS:
+        vals = np.array([100 * results[m]["exit_shares"].get(reason, 0.0) for m in methods])
+        ax.bar([_label(m) for m in methods], vals, bottom=bottom, label=reason)
+        bottom += vals
+    ax.set_ylabel("% of episodes")
+    ax.set_title("Why episodes ended")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    return _save(fig, path)
+
+
+TRAIN_CURVES = {
+    "sft": ["loss"],
+    "kto": ["loss", "rewards/chosen", "rewards/rejected", "kl"],
+}
+
+
+def plot_training_curves(run_dir: Path, path: Path) -> Path | None:
+    panels = []
+    for stage, keys in TRAIN_CURVES.items():
+        records = read_metrics(run_dir / "checkpoints" / stage / "metrics.jsonl")
+        for key in keys:
+            pts = [(r.get("step"), r[key]) for r in records if key in r and r.get("step") is not None]
+            if pts:
+                panels.append((stage, key, pts))
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, (stage, key, pts) in zip(axes[0], panels):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker=".")
+        ax.set_title(f"{stage.upper()} {key}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path) -> Path | None:
+    cells = sweep.get("cells", [])
+    if not cells:
+        return None
+    betas = sorted({c["beta"] for c in cells})
+    alphas = sorted({c["alpha"] for c in cells})
+    grid = np.full((len(alphas), len(betas)), np.nan)
+    for c in cells:
+        grid[alphas.index(c["alpha"]), betas.index(c["beta"])] = c["len_mean"]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 * len(betas) + 2, 1.2 * len(alphas) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(betas)), [str(b) for b in betas])
+    ax.set_yticks(range(len(alphas)), [str(a) for a in alphas])
+    ax.set_xlabel("β")
+    ax.set_ylabel("α")
+    for i in range(len(alphas)):
+        for j in range(len(betas)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w")
+    fig.colorbar(im, ax=ax, label="Len")
+    ax.set_title("ULRec Len over the β × α grid")
+    return _save(fig, path)
+
+
+def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path | None:
+    if len(rounds) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [r["round"] for r in rounds]
+    ax.errorbar(xs, [r["len_mean"] for r in rounds], yerr=[r["len_std"] for r in rounds], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ULRec Len")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ report
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_report(cfg: Config) -> dict[str, Any]:
+    run_dir = cfg.run_dir
+    results = collect_results(run_dir)
+    plots_dir = run_dir / "plots"
+    sweep = read_json(run_dir / "sweep" / "results.json") if (run_dir / "sweep" / "results.json").is_file() else {}
+    rounds_path = run_dir / "rounds.json"
+    rounds = read_json(rounds_path) if rounds_path.is_file() else []
+    plots = {
+        "len_distribution": plot_len_distribution(run_dir, list(results), plots_dir / "len_distribution.png"),
+        "exit_reasons": plot_exit_reasons(results, plots_dir / "exit_reasons.png"),
+        "training_curves": plot_training_curves(run_dir, plots_dir / "training_curves.png"),
+        "sweep_heatmap": plot_sweep(sweep, plots_dir / "sweep_heatmap.png"),
+        "rounds": plot_rounds(rounds, plots_dir / "rounds.png"),
+    }
+    plots = {k: str(v.relative_to(run_dir)) for k, v in plots.items() if v is not None}
+    commit = _git_commit()
+    data_stats = read_json(run_dir / "data" / "stats.json") if (run_dir / "data" / "stats.json").is_file() else {}
+    calib_path = run_dir / "simulators" / "calibration.json"
+    calibration = read_json(calib_path) if calib_path.is_file() else {}
+    rows_stats = read_json(run_dir / "rows" / "stats.json") if (run_dir / "rows" / "stats.json").is_file() else {}
+
+    md = [f"# ULRec report: `{cfg.run.name}`", ""]
+    md.append(
+        f"Dataset **{cfg.data.dataset}**, commit `{commit}`, {_dt.datetime.now().isoformat(timespec='seconds')}. "
+        f"Test simulator, {cfg.eval.num_users} test users (seed {cfg.eval.user_seed}), temperature "
+        f"{cfg.eval.temperature}, horizon {cfg.eval.max_steps}, seeds {list(cfg.eval.seeds)}; mean ± std over "
+        f"seeds. Exit protocol: τ_r = {cfg.env.reward_threshold}, W = {cfg.env.window}, τ_d = "
+        f"{calibration.get('test', {}).get('distance_threshold', cfg.env.distance_threshold)}"
+        + (" (legacy rule)" if cfg.env.legacy else "")
+        + "."
+    )
+    md += ["", "## Main results (paper Table 1)", "", table_main(results)]
+    if any(m in results for m in ("wo-sft", "wo-kto")):
+        md += ["## Ablations (paper Table 2)", "", table_ablation(results)]
+    md += ["## Exit reasons and grounding", "", table_exits(results)]
+    if rows_stats:
+        md += ["## Training data from the training rollouts", ""]
+        md += [f"- {k}: {v}" for k, v in sorted(rows_stats.items()) if not isinstance(v, (dict, list))]
+        md.append("")
+    if sweep.get("cells"):
+        md += ["## β × α sweep (paper Fig. 4)", "", "| β | α | Len | Traj Reward |", "|---|---|---|---|"]
+        md += [
+            f"| {c['beta']} | {c['alpha']} | {_fmt(c['len_mean'], c['len_std'])} | "
+            f"{_fmt(c['reward_mean'], c['reward_std'])} |"
+            for c in sweep["cells"]
+        ]
+        md.append("")
+    if len(rounds) > 1:
+        md += ["## Iterative rounds", "", "| round | ULRec Len | Traj Reward |", "|---|---|---|"]
+        md += [f"| {r['round']} | {_fmt(r['len_mean'], r['len_std'])} | {_fmt(r['reward_mean'], r['reward_std'])} |" for r in rounds]
+        md.append("")
+    if plots:
+        md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    if data_stats:
+        md += ["## Data", ""] + [f"- {k}: {v}" for k, v in sorted(data_stats.items()) if not isinstance(v, (dict, list))]
+        md.append("")
+
+    report_md = "\n".join(md)
+    payload = {
+        "run": cfg.run.name,
+        "commit": commit,
+        "dataset": cfg.data.dataset,
+        "results": results,
+        "sweep": sweep,
+        "rounds": rounds,
+        "plots": plots,
+        "config": cfg.model_dump(mode="json"),
+    }
+    write_json(run_dir / "results.json", payload)
+    write_text(run_dir / "report.md", report_md)
+    return {"report": str(run_dir / "report.md"), "table": table_main(results), "results": results, "plots": plots}
+
+
+def report_stage(cfg: Config) -> str:
+    out = build_report(cfg)
+    return f"{out['table']}\nreport: {out['report']}"
