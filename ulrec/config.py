@@ -61,8 +61,10 @@ class WandbConfig(Section):
 # -------------------------------------------------------------------------------------------- data
 class DataConfig(Section):
     dataset: Literal["ml-100k", "steam", "amazon-book", "synthetic"] = "ml-100k"
-    # Raw input files. ml-100k: cache dir for the recbole wheel. steam: the reviews file
-    # (steam_reviews.json[.gz]) and games metadata. amazon-book: Books.json[.gz] + meta_Books.json[.gz].
+    # Raw input files (plain or gzip). ml-100k: None → fetched from the RecBole wheel on PyPI into
+    # cache_dir; or a folder holding ml-100k.{inter,item,user}. steam: steam_reviews.json[.gz] (or
+    # its folder), meta_path steam_games.json[.gz] (default: beside it). amazon-book: Books_5.json[.gz]
+    # or Books.json[.gz] (or its folder), meta_path meta_Books.json[.gz] (default: beside it).
     path: str | None = None
     meta_path: str | None = None
     cache_dir: str = "~/.cache/ulrec"
@@ -108,13 +110,18 @@ class SimulatorConfig(Section):
 
 
 class EnvConfigSection(Section):
-    reward_threshold: float = 2.0
+    reward_threshold: float = Field(default=2.0, ge=0)
     window: int = Field(default=4, ge=0)
-    # τ_d either absolute (distance_threshold) or as a quantile of pairwise item distances.
+    # τ_d either absolute (distance_threshold, wins when set) or as a quantile of pairwise item
+    # distances, resolved per split by `ulrec env fit` into simulators/calibration.json.
     distance_threshold: float | None = None
     distance_quantile: float | None = Field(default=0.05, ge=0, le=1)
     max_steps: int = Field(default=100, ge=1)
     legacy: bool = False
+    # Calibration: item pairs sampled for the distance quantile (all pairs when fewer exist) and
+    # users a uniformly random policy is played for to report the share of exits by rule.
+    calibration_pairs: int = Field(default=200_000, ge=1)
+    calibration_users: int = Field(default=2000, ge=1)
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "EnvConfigSection":
@@ -140,6 +147,11 @@ class ModelInitConfig(Section):
     warm_start_epochs: int = Field(default=1, ge=0)
     warm_start_lr: float = Field(default=2e-3, gt=0)
     warm_start_batch_size: int = Field(default=32, ge=1)
+    # Each warm-start example shows 0..this many following items as accepted earlier steps, so the
+    # model has seen transcripts with steps (their rewards are the user's real ratings).
+    warm_start_max_steps: int = Field(default=6, ge=0)
+    # Prompts sampled (temperature 1) after warm start to measure the format / exact-title rate.
+    warm_start_eval_prompts: int = Field(default=100, ge=0)
 
 
 class PolicyConfig(Section):
@@ -162,6 +174,9 @@ class PolicyConfig(Section):
     # A user-supplied prompt template file (see ulrec/prompts.py for the fields it may use).
     template_file: str | None = None
     history_length: int = Field(default=15, ge=1)
+    # vLLM-CPU OpenMP binding (VLLM_CPU_OMP_THREADS_BIND): "auto" (vLLM's default, one thread per
+    # physical core), "nobind", or core ids like "0-1". None leaves the environment as it is.
+    cpu_omp_threads_bind: str | None = None
 
 
 class GroundingConfig(Section):
@@ -170,6 +185,10 @@ class GroundingConfig(Section):
     device: str = "cpu"
     batch_size: int = Field(default=256, ge=1)
     use_gpu_index: bool = False
+    # Catalogue title embeddings are cached here (keyed by embedder + titles); None → no disk cache.
+    cache_dir: str | None = "~/.cache/ulrec/grounding"
+    # Query-string embeddings kept in memory (LRU).
+    cache_size: int = Field(default=65536, ge=1)
 
 
 # ------------------------------------------------------------------------------------------ rollout
@@ -189,6 +208,16 @@ class RolloutConfig(Section):
     # Prompts a replica takes at once.
     max_batch_size: int = Field(default=256, ge=1)
     max_restarts: int = Field(default=3, ge=0)
+    # Episodes stepped together in one batched env inside a shard. A shard runs its lanes
+    # concurrently, so env steps of one lane overlap generation for the others.
+    lane_size: int = Field(default=256, ge=1)
+    # A shard reports finished episodes once this many are waiting, or every flush_s seconds.
+    flush_episodes: int = Field(default=256, ge=1)
+    flush_s: float = Field(default=1.0, gt=0)
+    # Episodes per Parquet part file of the written dataset.
+    episodes_per_file: int = Field(default=2048, ge=1)
+    # First wait before a shard retries a request whose replica died (grows per attempt).
+    retry_backoff_s: float = Field(default=1.0, ge=0)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -203,8 +232,13 @@ class FeedbackConfig(Section):
 class TrainScaling(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
+    # Also the worker's torch thread count (Ray sets OMP_NUM_THREADS from it).
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=2, ge=0)
+    # bf16 mixed precision; None = on with GPUs, off on CPU (bf16 is far slower on most CPUs).
+    bf16: bool | None = None
+    # Trade compute for memory on large models (TRL turns it on by default; off suits small models).
+    gradient_checkpointing: bool = False
 
 
 class SFTConfigSection(Section):
@@ -213,8 +247,10 @@ class SFTConfigSection(Section):
     epochs: float = Field(default=3.0, gt=0)
     per_device_batch_size: int = Field(default=8, ge=2)
     gradient_accumulation_steps: int = Field(default=8, ge=1)
-    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    # A fraction of the total steps (< 1).
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_length: int = Field(default=1024, ge=16)
+    logging_steps: int = Field(default=10, ge=1)
     scaling: TrainScaling = Field(default_factory=TrainScaling)
 
 
@@ -227,8 +263,10 @@ class KTOConfigSection(Section):
     undesirable_weight: float = Field(default=1.0, gt=0)
     per_device_batch_size: int = Field(default=8, ge=2)
     gradient_accumulation_steps: int = Field(default=8, ge=1)
-    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
+    # A fraction of the total steps (< 1).
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_length: int = Field(default=1024, ge=16)
+    logging_steps: int = Field(default=10, ge=1)
     # Count only the title's tokens in the log-ratio (paper A.1). Off = TRL's plain KTO.
     mask_format_tokens: bool = True
     # full = ULRec; no_sft = w/o SFT (α = 0); no_kto = w/o KTO (a second SFT stage).
@@ -280,20 +318,53 @@ class BaselinesConfig(Section):
 
 # --------------------------------------------------------------------------------------------- serve
 class ServeConfig(Section):
+    """The Ray Serve endpoint (``ulrec serve``): one ingress deployment (HTTP, validation, auth) in
+    front of policy replicas (model + grounding, dynamic batching)."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # HF model directory to serve; None → the run's ULRec checkpoint (<run>/checkpoints/kto).
     checkpoint: str | None = None
+    # The catalogue: an items.parquet (item_id, title), a .json list of titles or a .txt file (one
+    # title per line, item_id = line index). None → the run's data/items.parquet.
+    catalogue: str | None = None
+    # Policy replicas: a fixed count, or autoscaling between min and max on ongoing requests.
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: bool = False
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    # Requests one policy replica holds at once; must exceed max_batch_size for batches to fill.
+    max_ongoing_requests: int = Field(default=128, ge=1)
+    replica_num_cpus: float = Field(default=1.0, ge=0)
+    replica_num_gpus: float = Field(default=0.0, ge=0)
+    # Custom Ray resources a policy replica needs (e.g. {"policy_node": 1}) to pin it to node types.
+    replica_resources: dict[str, float] = Field(default_factory=dict)
+    # The HTTP ingress is light (validation, id lookup); it reserves a sliver of a CPU.
+    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_num_cpus: float = Field(default=0.1, ge=0)
+    ingress_max_ongoing_requests: int = Field(default=512, ge=1)
+    # Dynamic batching of generate calls inside a policy replica (@serve.batch).
     max_batch_size: int = Field(default=32, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    # Request limits (422 above them; 413 for bodies over max_body_bytes).
     max_history: int = Field(default=200, ge=1)
+    max_recommended: int = Field(default=200, ge=0)
     max_title_chars: int = Field(default=300, ge=1)
     max_body_bytes: int = Field(default=65536, ge=256)
+    max_k: int = Field(default=10, ge=1)
+    max_temperature: float = Field(default=2.0, ge=0)
+    # Extra sampling rounds for slots whose item was already recommended, before falling back to
+    # the nearest unrecommended item by embedding (0 = fall back at once).
+    resample_rounds: int = Field(default=2, ge=0)
     # Bearer token; the ULREC_SERVE_TOKEN environment variable also sets it.
     auth_token: str | None = None
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- root

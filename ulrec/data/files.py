@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ast
 import gzip
-import io
 import json
+import math
 import zlib
 from array import array
 from pathlib import Path
@@ -65,19 +65,21 @@ def iter_lines(path: Path, *, progress: bool = False, desc: str | None = None) -
         is_gzip = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
-        text = io.TextIOWrapper(stream, encoding="utf-8", newline=None)
         bar = tqdm(
             total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or path.name,
             disable=not progress, leave=False,
         )
         try:
-            for lineno, line in enumerate(text, start=1):
+            # Bytes lines decoded one by one, so a bad byte is reported on its own line.
+            for lineno, data in enumerate(stream, start=1):
                 if lineno % _PROGRESS_EVERY == 0:
                     bar.update(raw.tell() - bar.n)
+                try:
+                    line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 text") from None
                 if line.strip():
                     yield lineno, line
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{lineno + 1}: not valid UTF-8 text") from None
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise DataError(f"{path}: truncated or corrupt gzip file ({_one_line(exc)})") from None
         finally:
@@ -110,7 +112,7 @@ def as_float(value: Any, name: str, path: Path, lineno: int) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise DataError(f"{path}:{lineno}: field '{name}' is not a number ({value!r:.40})") from None
-    if not np.isfinite(out):
+    if not math.isfinite(out):
         raise DataError(f"{path}:{lineno}: field '{name}' is not finite ({value!r:.40})")
     return out
 

@@ -168,7 +168,8 @@ def process(raw: RawDataset, d: DataConfig) -> ProcessedData:
         "items_before_filter": int(len(np.unique(i))),
     }
 
-    source_titles = dict(zip(raw.items["item"].astype(str), raw.items["title"]))
+    catalogue = raw.items.assign(item=raw.items["item"].astype(str)).drop_duplicates("item", keep="first")
+    source_titles = dict(zip(catalogue["item"], catalogue["title"]))
     titles_by_code = [clean_title(source_titles.get(name)) for name in item_names]
     titled = np.array([bool(t) for t in titles_by_code], dtype=bool)
     rows = np.flatnonzero(titled[i]) if len(i) else np.zeros(0, dtype=np.int64)
