@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,9 +38,29 @@ from ulrec.simulator.user_models import (
 
 DistanceKind = Literal["embedding", "rating_columns"]
 _FEATURES = ("user_id", "item_id")
+# Seconds to wait for deepctr-torch's PyPI version check (it fails fast offline).
+_VERSION_CHECK_WAIT_S = 5.0
+
+
+def _import_deepctr() -> None:
+    """Import deepctr-torch keeping its version-check notice off stdout.
+
+    On import it starts a thread asking PyPI for the latest version, which prints a notice to
+    stdout when offline; stdout carries stage results (JSON), so that thread is given a few seconds
+    to finish while stdout points at stderr.
+    """
+    if "deepctr_torch" in sys.modules:
+        return
+    before = set(threading.enumerate())
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepctr_torch  # noqa: F401
+
+        for thread in set(threading.enumerate()) - before:
+            thread.join(timeout=_VERSION_CHECK_WAIT_S)
 
 
 def _build_deepfm(n_users: int, n_items: int, hp: DeepFMConfig, seed: int) -> Any:
+    _import_deepctr()
     from deepctr_torch.inputs import SparseFeat
     from deepctr_torch.models import DeepFM
 
@@ -75,6 +96,19 @@ def _epoch_bar(epochs: int, enabled: bool) -> Any:
             bar.close()
 
     return EpochBar()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run torch ops with ``n`` intra-op threads, restoring the process setting afterwards."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
 
 
 class DeepFMUserModel(UserModel):
@@ -156,7 +190,7 @@ class DeepFMUserModel(UserModel):
         net.compile(torch.optim.Adam(net.parameters(), lr=hp.lr), "mse")
         x = {"user_id": users[train], "item_id": items[train]}
         # deepctr prints the device and sample counts to stdout; keep stdout for stage results.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _torch_threads(hp.num_threads):
             net.fit(x, values[train], batch_size=hp.batch_size, epochs=hp.epochs, verbose=0,
                     callbacks=[_epoch_bar(hp.epochs, progress)])
 
@@ -201,7 +235,7 @@ class DeepFMUserModel(UserModel):
         out = np.empty(len(users), dtype=np.float32)
         step = self.hparams.batch_score_size
         x = np.empty((min(step, len(users)), 2), dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_threads(self.hparams.num_threads):
             for start in range(0, len(users), step):
                 n = min(step, len(users) - start)
                 x[:n, self._columns[0]] = users[start : start + n]
@@ -212,6 +246,9 @@ class DeepFMUserModel(UserModel):
     def _reward(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         reward = np.clip(self.predict(users, items), *self.rating_range)
         return np.rint(reward) if self.hparams.round_rewards else reward
+
+    def reward_range(self) -> tuple[float, float]:
+        return self.rating_range
 
     def _distance(self, items_a: np.ndarray, items_b: np.ndarray) -> np.ndarray:
         return self.item_distances.pairs(items_a, items_b)

@@ -30,7 +30,9 @@ from ulrec.simulator.user_models import UserModel, as_index_array
 
 REASONS = ("stay", "repeat", "low_reward", "similar", "horizon", "done")
 STAY, REPEAT, LOW_REWARD, SIMILAR, HORIZON, DONE = range(len(REASONS))
-_REASON_NAMES = np.array(REASONS)
+_REASON_NAMES = np.array(REASONS, dtype=object)
+# Exit reason per episode; "" (index STAY) while it is running.
+_EXIT_NAMES = np.array(("",) + REASONS[1:], dtype=object)
 # Reasons that end an episode by the user leaving (horizon is a truncation, not an exit).
 EXIT_REASONS = ("repeat", "low_reward", "similar")
 
@@ -97,7 +99,7 @@ def reference_episode(
     history: list[int] = []
     for step, item in enumerate(items, start=1):
         reward = float(user_model.reward(np.array([user_id]), np.array([item]))[0])
-        window = history[len(history) - config.window :] if config.window else []
+        window = history[-config.window :] if config.window else []
         distances = user_model.distance(np.full(len(window), item), np.array(window, dtype=np.int64))
         reason = exit_reason(
             step=step, repeated=item in history, reward=reward, window_distances=distances, config=config
@@ -122,24 +124,32 @@ class StepResult:
     reward: float32, the user model's reward for the recommended item (also on the exit step,
         which nevertheless counts in neither Len nor Traj Reward); 0 for users already done.
     live: True where the step was accepted (reason "stay" or "horizon").
-    reason: "stay", "repeat", "low_reward", "similar", "horizon", or "done" for users whose
-        episode had already ended (their item was ignored).
+    code: int8 index into :data:`REASONS` per episode; ``reason`` gives the names: "stay",
+        "repeat", "low_reward", "similar", "horizon", or "done" for users whose episode had
+        already ended (their item was ignored).
     done: whether each episode has ended after this step.
     """
 
     reward: np.ndarray
     live: np.ndarray
-    reason: np.ndarray
+    code: np.ndarray
     done: np.ndarray
+
+    @property
+    def reason(self) -> np.ndarray:
+        """Reason names per episode (an object array of str)."""
+        return _REASON_NAMES[self.code]
 
 
 class EchoChamberEnv:
     """Many users' episodes stepped together as arrays.
 
     ``reset(user_ids)`` starts one episode per entry (a user may appear more than once);
-    ``step(item_ids)`` takes one item per episode. Per-episode state is kept in arrays: the
-    recommended items so far, (episodes, max_steps) int32, which serves both the repeat check and
-    the window of the last ``window`` items; Len and Traj Reward run along.
+    ``step(item_ids)`` takes one item per episode. Episodes run in lock step: every step of a
+    running episode so far was accepted, so all running episodes have taken exactly ``t`` steps.
+    The recommended items are kept in a (max_steps, episodes) int32 array whose first ``t`` rows
+    serve both the repeat check (all rows) and the window (the last ``window`` rows); Len and Traj
+    Reward run along.
     """
 
     def __init__(self, user_model: UserModel, config: EnvConfig) -> None:
@@ -157,11 +167,12 @@ class EchoChamberEnv:
         users = as_index_array(user_ids, "user_ids", self.user_model.n_users)
         n = len(users)
         self._user_ids = users
-        self._history = np.full((n, self.config.max_steps), -1, dtype=np.int32)
+        self._t = 0
+        self._history = np.full((self.config.max_steps, n), -1, dtype=np.int32)
         self._lengths = np.zeros(n, dtype=np.int64)
         self._total_rewards = np.zeros(n, dtype=np.float64)
         self._done = np.zeros(n, dtype=bool)
-        self._exit_reasons = np.full(n, "", dtype="<U10")
+        self._exit_codes = np.full(n, STAY, dtype=np.int8)
 
     def _require_reset(self) -> None:
         if self._user_ids is None:
@@ -194,12 +205,12 @@ class EchoChamberEnv:
     def exit_reasons(self) -> np.ndarray:
         """How each episode ended: "repeat", "low_reward", "similar", "horizon"; "" while running."""
         self._require_reset()
-        return self._exit_reasons
+        return _EXIT_NAMES[self._exit_codes]
 
     def accepted_items(self, episode: int) -> np.ndarray:
         """The items accepted so far in one episode, oldest first."""
         self._require_reset()
-        return self._history[episode, : self._lengths[episode]].astype(np.int64)
+        return self._history[: self._lengths[episode], episode].astype(np.int64)
 
     # ---------------------------------------------------------------------------------- step
     def step(self, item_ids: Any) -> StepResult:
@@ -209,54 +220,55 @@ class EchoChamberEnv:
         n = len(self._user_ids)
         if items_all.shape != (n,):
             raise InputError(f"item_ids must have shape ({n},) (one item per episode), got {items_all.shape}")
-        cfg = self.config
-        active = np.flatnonzero(~self._done)
-        items = as_index_array(items_all[active], "item_ids", self.user_model.n_items)
-        users = self._user_ids[active]
-        steps_before = self._lengths[active]  # every earlier step of a running episode was accepted
+        if self._done.all():
+            return StepResult(
+                reward=np.zeros(n, dtype=np.float32),
+                live=np.zeros(n, dtype=bool),
+                code=np.full(n, DONE, dtype=np.int8),
+                done=self._done.copy(),
+            )
+        cfg, t = self.config, self._t
+        everyone = not self._done.any()
+        active = np.arange(n) if everyone else np.flatnonzero(~self._done)
+        items = as_index_array(items_all if everyone else items_all[active], "item_ids", self.user_model.n_items)
+        users = self._user_ids if everyone else self._user_ids[active]
+        # Rows = earlier steps; all accepted, since the episodes in these columns are running.
+        history = self._history[:t] if everyone else self._history[:t, active]
 
         reward = self.user_model._reward(users, items)
         code = np.full(len(active), STAY, dtype=np.int8)
-
-        if cfg.window > 0 or not cfg.legacy:
-            recent = min(int(steps_before.max(initial=0)), cfg.max_steps)
-            history = self._history[active, :recent]
-        if not cfg.legacy:
-            repeated = (history == items[:, None]).any(axis=1)
-            code[repeated] = REPEAT
-        low = reward < cfg.reward_threshold
-        if cfg.legacy:
-            low &= steps_before > 0
-        code[(code == STAY) & low] = LOW_REWARD
-
-        if cfg.window > 0:
-            # Positions of the last W items, most recent first; those before the episode start are
-            # padding. Distances are only computed for episodes no earlier rule has ended.
-            pos = steps_before[:, None] - 1 - np.arange(cfg.window)[None, :]
-            valid = (pos >= 0) & (code == STAY)[:, None]
-            rows, slots = np.nonzero(valid)
-            if len(rows):
-                previous = history[rows, pos[rows, slots]]
-                close = self.user_model._distance(items[rows], previous.astype(np.int64)) < cfg.distance_threshold
-                similar = np.zeros(len(active), dtype=bool)
-                similar[rows[close]] = True
-                code[similar] = SIMILAR
+        if t > 0 and not cfg.legacy:
+            code[(history == items.astype(np.int32)).any(axis=0)] = REPEAT
+        if t > 0 or not cfg.legacy:
+            code[(code == STAY) & (reward < cfg.reward_threshold)] = LOW_REWARD
+        if t > 0 and cfg.window > 0:
+            # Distances only for episodes no earlier rule has ended, against the last W items.
+            window = history[max(0, t - cfg.window) :]
+            rows = np.flatnonzero(code == STAY)
+            previous = window[:, rows]
+            current = np.tile(items[rows], len(previous))  # row-major, like previous.ravel()
+            distances = self.user_model._distance(current, previous.ravel().astype(np.int64))
+            close = (distances < cfg.distance_threshold).reshape(previous.shape).any(axis=0)
+            code[rows[close]] = SIMILAR
 
         stays = code == STAY
-        stay_rows = active[stays]
-        self._history[stay_rows, steps_before[stays]] = items[stays]
-        self._lengths[stay_rows] += 1
-        self._total_rewards[stay_rows] += reward[stays]
-        horizon = stays & (self._lengths[active] >= cfg.max_steps)
-        code[horizon] = HORIZON
+        stay_cols = active[stays]
+        self._history[t, stay_cols] = items[stays]
+        self._lengths[stay_cols] += 1
+        self._total_rewards[stay_cols] += reward[stays]
+        if t + 1 >= cfg.max_steps:
+            code[stays] = HORIZON
+        self._t = t + 1
 
         ended = code != STAY
         self._done[active[ended]] = True
-        self._exit_reasons[active[ended]] = _REASON_NAMES[code[ended]]
+        self._exit_codes[active[ended]] = code[ended]
 
+        if everyone:
+            return StepResult(reward=reward, live=(code == STAY) | (code == HORIZON), code=code, done=self._done.copy())
         reward_all = np.zeros(n, dtype=np.float32)
         reward_all[active] = reward
         code_all = np.full(n, DONE, dtype=np.int8)
         code_all[active] = code
         live_all = (code_all == STAY) | (code_all == HORIZON)
-        return StepResult(reward=reward_all, live=live_all, reason=_REASON_NAMES[code_all], done=self._done.copy())
+        return StepResult(reward=reward_all, live=live_all, code=code_all, done=self._done.copy())

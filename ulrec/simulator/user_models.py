@@ -77,6 +77,13 @@ def _as_matrix(values: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _gather(matrix: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """matrix[rows, cols] as float32; a flat take is ~2× faster than 2-D fancy indexing."""
+    if matrix.flags.c_contiguous:
+        return np.take(matrix, rows * matrix.shape[1] + cols).astype(np.float32, copy=False)
+    return np.asarray(matrix[rows, cols], dtype=np.float32)
+
+
 # --------------------------------------------------------------------------------- item distances
 class ItemDistances(ABC):
     """distance(a, b) for pairs of item indices (already validated)."""
@@ -102,7 +109,7 @@ class DenseDistances(ItemDistances):
         self.n_items = matrix.shape[0]
 
     def pairs(self, items_a: np.ndarray, items_b: np.ndarray) -> np.ndarray:
-        return np.asarray(self.matrix[items_a, items_b], dtype=np.float32)
+        return _gather(self.matrix, items_a, items_b)
 
     def save(self, directory: Path) -> None:
         np.save(directory / "distances.npy", np.asarray(self.matrix))
@@ -218,6 +225,10 @@ class UserModel(ABC):
         return self.users if self.users is not None else np.arange(self.n_users)
 
     @abstractmethod
+    def reward_range(self) -> tuple[float, float]:
+        """Lowest and highest reward the model can give (bounds an observation space)."""
+
+    @abstractmethod
     def _reward(self, users: np.ndarray, items: np.ndarray) -> np.ndarray: ...
 
     @abstractmethod
@@ -263,6 +274,7 @@ class MatrixUserModel(UserModel):
         # Titles of each published user's positive history (published test.json), in users order.
         self.histories = histories
         self._published: dict[str, str] | None = None
+        self._reward_range: tuple[float, float] | None = None
 
     @classmethod
     def from_published(cls, directory: str | Path, dataset: str, split: str) -> "MatrixUserModel":
@@ -299,7 +311,16 @@ class MatrixUserModel(UserModel):
         return model
 
     def _reward(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return np.asarray(self.rewards[users, items], dtype=np.float32)
+        return _gather(self.rewards, users, items)
+
+    def reward_range(self) -> tuple[float, float]:
+        if self._reward_range is None:
+            lo, hi = np.inf, -np.inf
+            for i in range(0, self.n_users, _CHECK_ROWS):
+                block = np.asarray(self.rewards[i : i + _CHECK_ROWS])
+                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+            self._reward_range = (lo, hi)
+        return self._reward_range
 
     def _distance(self, items_a: np.ndarray, items_b: np.ndarray) -> np.ndarray:
         return self.item_distances.pairs(items_a, items_b)
@@ -334,6 +355,7 @@ class MatrixUserModel(UserModel):
         hist_path = directory / "histories.json"
         model.histories = json.loads(hist_path.read_text()) if hist_path.is_file() else None
         model._published = None
+        model._reward_range = None
         return model
 
 
