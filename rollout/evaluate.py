@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ulrec.policy import resolve_model_dir
 from ulrec.config import Config, section_hash
 from ulrec.errors import UlrecError
 from ulrec.evaluation import (
@@ -24,16 +25,12 @@ from ulrec.evaluation import (
 from ulrec.io import mark_stage_done, read_json, stage_done, write_json
 
 
-def base_model_dir(cfg: Config) -> Path:
-    return Path(cfg.policy.model) if cfg.policy.model else cfg.run_dir / "model" / "base"
-
-
 def method_model_dir(cfg: Config, method: str) -> Path:
     if method not in METHOD_CHECKPOINTS:
         known = ", ".join(METHOD_CHECKPOINTS)
         raise UlrecError(f"eval.methods: unknown method '{method}' (known: {known})")
     sub = METHOD_CHECKPOINTS[method]
-    return base_model_dir(cfg) if sub is None else cfg.run_dir / "checkpoints" / sub
+    return resolve_model_dir(cfg) if sub is None else cfg.run_dir / "checkpoints" / sub
 
 
 def eval_methods(cfg: Config) -> list[str]:
@@ -43,26 +40,18 @@ def eval_methods(cfg: Config) -> list[str]:
     return methods
 
 
-def _model_fingerprint(model_dir: Path) -> str:
-    """Changes whenever the checkpoint is rewritten (stage marker if present, else weights' mtime)."""
-    marker = model_dir / "_stage.json"
-    if marker.is_file():
-        return marker.read_text()
-    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
-    return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in weights)
-
-
 def evaluate_model(
     cfg: Config, method: str, model_dir: Path, users: list[int], out_root: Path | None = None
 ) -> dict[str, Any]:
     """Evaluate one model directory on the test simulator; returns its summary (cached)."""
-    from rollout.driver import run_rollout
+    from rollout.driver import model_fingerprint, run_rollout
+    from ulrec.data import prepared_hash
 
     if not (model_dir / "config.json").is_file():
         raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
     method_dir = (out_root or cfg.run_dir / "eval") / method
     input_hash = section_hash(
-        cfg, "eval", "env", "policy", "grounding", extra=[users, _model_fingerprint(model_dir)]
+        cfg, "eval", "env", "policy", "grounding", extra=[users, prepared_hash(cfg.run_dir), model_fingerprint(model_dir)]
     )
     if stage_done(method_dir, input_hash):
         return read_json(method_dir / "summary.json")

@@ -186,6 +186,13 @@ def run_pipeline(cfg: Config) -> str:
             ablation.kto.variant = variant
             _call("train.stages:kto_stage", ablation)
             timings[f"ablation {variant}"] = time.perf_counter() - start
+    if cfg.pipeline.rounds > 1:
+        # Round 1's evaluation first: later rounds report against it.
+        _call("rollout.evaluate:eval_stage", cfg)
+        start = time.perf_counter()
+        typer.echo(f"== iterative rounds 2..{cfg.pipeline.rounds}")
+        _call("train.rounds:rounds_stage", cfg)
+        timings["rounds"] = time.perf_counter() - start
     if cfg.baselines.enabled:
         start = time.perf_counter()
         typer.echo("== RL baselines")

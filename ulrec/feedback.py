@@ -70,6 +70,13 @@ def episode_to_rows(episode: Mapping[str, Any], cfg: FeedbackConfig) -> list[dic
     if "user_id" not in episode:
         raise DataError("episode: missing 'user_id'")
     eid = episode_id(episode)
+    try:
+        return _rows(episode, eid, cfg)
+    except KeyError as exc:
+        raise DataError(f"episode {eid}: missing field {exc}") from None
+
+
+def _rows(episode: Mapping[str, Any], eid: str, cfg: FeedbackConfig) -> list[dict[str, Any]]:
     steps = _steps_in_order(episode, eid)
     live = [s for s in steps if s["live"]]
     length = episode.get("length")
@@ -103,6 +110,8 @@ def episode_to_rows(episode: Mapping[str, Any], cfg: FeedbackConfig) -> list[dic
         if reason == "format_error":
             if cfg.format_errors_as_negatives:
                 rows.append(row(last, last["raw_output"], False))
+        elif not last["title"]:
+            raise DataError(f"episode {eid}: exit step {last['step']} ({reason}) has no grounded title")
         else:
             rows.append(row(last, completion_text(last["title"]), False))
     return rows
