@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 
 import ray
+from ray.exceptions import ActorUnavailableError
 
 from ulrec.config import Config
 
@@ -42,3 +44,22 @@ def init_ray(cfg: Config) -> None:
     else:
         kwargs["address"] = cfg.ray.address
     ray.init(**kwargs)
+
+
+def wait_until_alive(actor, timeout_s: float = 600.0) -> None:
+    """Block until a restarting actor answers ``ready()``.
+
+    Raises ActorDiedError when the actor is dead for good (restarts used up) and TimeoutError
+    when it does not come back within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        try:
+            ray.get(actor.ready.remote())
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor {actor} did not restart within {timeout_s:.0f} s") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

