@@ -27,8 +27,8 @@ _FORWARDED_ENV = (
 def init_ray(cfg: Config) -> None:
     """Start a local Ray instance or join ``cfg.ray.address``; a no-op when Ray is already up.
 
-    A local instance gets ``cfg.ray.num_cpus`` and ``cfg.ray.object_store_memory``; when joining an
-    existing cluster those belong to the cluster and are not passed.
+    A local instance gets ``cfg.ray.num_cpus`` and ``cfg.ray.object_store_memory``; when joining a
+    cluster (``cfg.ray.address``, else ``RAY_ADDRESS``) those belong to the cluster and are not passed.
     """
     if ray.is_initialized():
         return
@@ -38,11 +38,15 @@ def init_ray(cfg: Config) -> None:
         "runtime_env": {"env_vars": env_vars} if env_vars else None,
         "log_to_driver": True,
     }
-    if cfg.ray.address is None:
+    if cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
+        # "local": always a fresh instance of our size, never a cluster that happens to be up
+        # on this machine (joining one and passing num_cpus is an error in Ray).
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = cfg.ray.num_cpus
         kwargs["object_store_memory"] = cfg.ray.object_store_memory
     else:
-        kwargs["address"] = cfg.ray.address
+        # An explicit address, else the RAY_ADDRESS that `ray job submit` sets for its jobs.
+        kwargs["address"] = cfg.ray.address or os.environ["RAY_ADDRESS"]
     ray.init(**kwargs)
 
 

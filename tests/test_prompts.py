@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from _llm_helpers import AWKWARD_TITLES
@@ -64,10 +66,6 @@ _title_chars = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blac
 @settings(max_examples=150, deadline=None)
 @given(st.text(_title_chars, min_size=1, max_size=40))
 def test_round_trip_any_single_line_title(title):
-    from hypothesis import assume
-
-    import re
-
     stripped = title.strip()
     assume(stripped)
     # The documented exceptions: text that itself starts a new action or an observation.

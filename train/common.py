@@ -1,31 +1,15 @@
-"""Small helpers the training stages share: starting Ray, and fingerprints of stage inputs."""
+"""Fingerprints of stage inputs, shared by the training stages."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from ulrec.config import Config
 from ulrec.io import STAGE_FILE, read_json
 
 # Files above this size are fingerprinted by size and mtime instead of content (model weights of
 # an 8B model would take minutes to hash; they are written once and then only read).
 _CONTENT_HASH_LIMIT = 256 * 1024**2
-
-
-def ensure_ray(cfg: Config) -> None:
-    """Start (or join) Ray as ``cfg.ray`` says, unless this process already did."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict = {"include_dashboard": cfg.ray.include_dashboard, "log_to_driver": True}
-    if cfg.ray.address is not None:
-        kwargs["address"] = cfg.ray.address
-    else:
-        kwargs["num_cpus"] = cfg.ray.num_cpus
-        kwargs["object_store_memory"] = cfg.ray.object_store_memory
-    ray.init(**kwargs)
 
 
 def file_fingerprint(path: Path) -> str:

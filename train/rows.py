@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from train.common import ensure_ray, path_fingerprint
+from rollout.ray_utils import init_ray
+from train.common import path_fingerprint
 from ulrec.config import Config, FeedbackConfig, section_hash
 from ulrec.errors import DataError
 from ulrec.feedback import ROW_SCHEMA, episodes_table_to_rows
@@ -68,7 +69,7 @@ def _episode_rows(cfg: Config, files: list[Path]) -> tuple[pa.Table, int]:
     import ray.data
 
     num_episodes = _count_episodes(files)
-    ensure_ray(cfg)
+    init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.run.progress
     episodes = ray.data.read_parquet([str(f) for f in files])
     rows = episodes.map_batches(_rows_batch, fn_kwargs={"cfg": cfg.feedback}, batch_format="pyarrow")

@@ -32,7 +32,7 @@ import pandas as pd
 
 from ulrec.config import Config, ConfigError, section_hash
 from ulrec.errors import DataError
-from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, STAGE_FILE
+from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done
 from ulrec.prompts import PromptBuilder, StepView, completion_text, observation_text, parse_action
 
 # Head sizes vLLM's CPU attention supports (NOTES.md, "vLLM on this CPU").
@@ -305,6 +305,7 @@ def build_base_model(cfg: Config) -> dict:
 
     started = time.perf_counter()
     titles, histories = read_catalogue_and_histories(cfg.run_dir / "data")
+    # Heavy imports only after the cheap input checks passed.
     import torch
 
     from ulrec.policy.base import SamplingConfig
@@ -350,7 +351,7 @@ def build_base_model(cfg: Config) -> dict:
             "vocab_size": len(tokenizer),
             "num_items": len(titles),
             "warm_start_examples": len(examples),
-        "title_examples": len(titles) * mcfg.warm_start_title_repeats,
+            "title_examples": len(titles) * mcfg.warm_start_title_repeats,
             "warm_start_steps": len(losses),
             "loss_first": losses[0] if losses else None,
             "loss_last_mean": float(np.mean(losses[-10:])) if losses else None,

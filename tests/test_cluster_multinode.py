@@ -1,0 +1,128 @@
+"""Multi-node behaviour on one machine (``ray.cluster_utils.Cluster``): nodes shaped like
+cluster.yaml's node types — a head, GPU nodes offering ``policy_gpu`` (GPUs declared, not real:
+Ray only schedules by them) and a CPU node — with Serve replicas and rollout actors placed by the
+resources they ask for, and a worker node removed in the middle of a rollout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from _rollout_helpers import fake_sources, register_by_value, rollout_config
+from _serve_helpers import TITLES, build_tiny_model
+from rollout.driver import collect_episodes, episode_specs
+from rollout.episode import EpisodeLabels
+from serve.app import APP_NAME, build_app
+from ulrec.config import load_config
+
+pytestmark = pytest.mark.slow
+
+NODE_MEMORY = 100 * 1024**2  # object store per node
+
+
+def add_gpu_node(c: Cluster):
+    return c.add_node(num_cpus=1, num_gpus=1, resources={"policy_gpu": 1}, object_store_memory=NODE_MEMORY)
+
+
+def add_cpu_node(c: Cluster):
+    return c.add_node(num_cpus=2, object_store_memory=NODE_MEMORY)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head with no CPUs for tasks (as in cluster.yaml), two GPU nodes, one CPU node."""
+    register_by_value()
+    # conftest hides GPUs (CUDA_VISIBLE_DEVICES=""), and Ray refuses to declare GPUs then; the
+    # declared GPUs are never used (no CUDA here: torch stays on the CPU).
+    hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": NODE_MEMORY})
+    add_gpu_node(c)
+    add_gpu_node(c)
+    add_cpu_node(c)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if hidden is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+
+
+def gpu_node_ids() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("policy_gpu")}
+
+
+def node_of(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
+def test_serve_replicas_spread_over_policy_nodes(cluster, tmp_path: Path):
+    model_dir = build_tiny_model(tmp_path / "model", TITLES)
+    items = tmp_path / "items.parquet"
+    pd.DataFrame({"item_id": range(len(TITLES)), "title": TITLES}).to_parquet(items)
+    cfg = load_config(None, [
+        "policy.backend=hf", f"serve.checkpoint={model_dir}", f"serve.catalogue={items}",
+        "serve.num_replicas=2", "serve.replica_num_cpus=0.5", "serve.replica_resources.policy_gpu=1",
+    ])
+    serve.start(proxy_location="Disabled")
+    try:
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        policy = serve.get_deployment_handle("ULRecPolicy", app_name=APP_NAME)
+        nodes = set()
+        for _ in range(60):  # requests go to either replica: ask until both answered
+            nodes.add(policy.stats.remote().result()["node_id"])
+            if len(nodes) == 2:
+                break
+        assert len(nodes) == 2 and nodes <= gpu_node_ids()  # one replica per policy_gpu node
+    finally:
+        serve.shutdown()
+
+
+LABELS = EpisodeLabels(run="t", policy="fake", split="train")
+
+
+@pytest.mark.parametrize("victim", ["replica", "shard"])
+def test_rollout_survives_losing_a_worker_node(cluster: Cluster, tmp_path: Path, victim: str):
+    """Replicas ask for a GPU and a whole CPU, so they fill the GPU nodes and the shards go to the
+    CPU node. Mid-rollout the node of one replica (or of the shards) is removed and a fresh node
+    of its type joins, as the autoscaler would do; Ray restarts the lost actors there, and every
+    episode is written exactly once."""
+    cfg = rollout_config(tmp_path, num_replicas=2, replica_num_gpus=1.0, replica_num_cpus=1.0, num_shards=2,
+                         max_restarts=3)
+    sources = fake_sources(40, 8, delay_s=0.02)
+    users, seeds = list(range(40)), [0]
+    gpu_ids = gpu_node_ids()
+    state: dict = {"removed": None}
+
+    def remove_node(progress) -> None:
+        if state["removed"] is not None or progress.done < 5:
+            return
+        replica_nodes = [node_of(r) for r in progress.replicas]
+        shard_nodes = [node_of(s) for s in progress.shards]
+        assert len(set(replica_nodes)) == 2 and set(replica_nodes) <= gpu_ids  # spread by resources
+        assert not set(shard_nodes) & gpu_ids
+        target = replica_nodes[0] if victim == "replica" else shard_nodes[0]
+        state["removed"] = progress.done
+        node = next(n for n in cluster.list_all_nodes() if n.node_id == target)
+        cluster.remove_node(node, allow_graceful=False)
+        (add_gpu_node if victim == "replica" else add_cpu_node)(cluster)
+
+    summary = collect_episodes(cfg, sources, user_ids=users, seeds=seeds, temperature=1.0,
+                               out_dir=tmp_path / "episodes", labels=LABELS, on_report=remove_node)
+    assert state["removed"] is not None and state["removed"] < 40  # removed mid-run
+    table = pq.read_table(tmp_path / "episodes")
+    keys = list(zip(table.column("user_id").to_pylist(), table.column("seed").to_pylist()))
+    expected = {(u, s) for u, s, _ in episode_specs(users, seeds, sources.histories, cfg.policy.history_length)}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert summary["episodes"] == 40
+    if victim == "shard":
+        assert summary["restarts"] >= 1

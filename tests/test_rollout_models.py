@@ -1,0 +1,106 @@
+"""Rollouts with a real tiny model on both backends (hf, vllm), real grounding and a saved
+simulator, through the public entry points run_rollout and rollout_stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from rollout.driver import rollout_stage, run_rollout
+from rollout.episode import EPISODE_SCHEMA, EXIT_REASONS, STEP_REASONS
+from ulrec.config import Config
+from ulrec.data import load_prepared, prepare_data
+from ulrec.model_init import build_base_model
+from ulrec.simulator import MatrixUserModel
+
+NUM_USERS = 50
+
+
+def tiny_run_config(root, backend: str) -> Config:
+    return Config.model_validate(
+        {
+            "run": {"root": str(root), "name": "tiny", "progress": False},
+            "data": {"dataset": "synthetic", "synthetic_users": 120, "synthetic_items": 60},
+            # Head size 32: one vLLM's CPU attention supports.
+            "model": dict(
+                hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600,
+                warm_start_examples=64, warm_start_batch_size=16, warm_start_eval_prompts=4,
+            ),
+            "env": {"distance_threshold": 0.5},
+            "policy": {"backend": backend, "max_tokens": 24, "max_num_seqs": 64},
+            "grounding": {"cache_dir": str(root / "grounding-cache")},
+            # One lane per shard; a replica batch can take both.
+            "rollout": dict(
+                num_users=NUM_USERS, max_steps=4, num_shards=2, replica_num_cpus=1, shard_num_cpus=0.25,
+                lane_size=32, max_batch_size=64,
+            ),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    """Synthetic data, a tiny warm-started base model and a matrix simulator per split."""
+    root = tmp_path_factory.mktemp("rollout-models")
+    cfg = tiny_run_config(root, "hf")
+    prepare_data(cfg)
+    build_base_model(cfg)
+    data = load_prepared(cfg.run_dir)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        rewards = rng.choice([1.0, 3.0, 4.0, 5.0], p=[0.2, 0.3, 0.3, 0.2], size=(data.num_users, data.num_items))
+        vectors = rng.normal(size=(data.num_items, 4)).astype(np.float32)
+        MatrixUserModel(rewards=rewards, item_vectors=vectors).save(cfg.run_dir / "simulators" / split)
+    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
+    yield root
+    ray.shutdown()
+
+
+def check_episodes(out_dir, users: list[int], seeds: list[int], policy: str) -> None:
+    table = pq.read_table(out_dir)
+    assert table.schema.equals(EPISODE_SCHEMA)
+    keys = sorted(zip(table.column("user_id").to_pylist(), table.column("seed").to_pylist()))
+    assert keys == sorted((u, s) for u in users for s in seeds)
+    for row in table.to_pylist():
+        assert (row["run"], row["policy"], row["split"]) == ("tiny", policy, "train")
+        assert row["exit_reason"] in EXIT_REASONS
+        steps = row["steps"]
+        assert 1 <= len(steps) <= 4
+        assert row["length"] == sum(s["live"] for s in steps)
+        assert row["num_generated_tokens"] > 0
+        for k, step in enumerate(steps, start=1):
+            assert step["step"] == k and step["prompt"].endswith(f"Action {k}:")
+            assert step["reason"] in STEP_REASONS
+            assert (step["item_id"] == -1) == (step["reason"] == "format_error") == (step["title"] == "")
+
+
+@pytest.mark.slow
+def test_hf_backend_rollout(run_root) -> None:
+    cfg = tiny_run_config(run_root, "hf")
+    users = sorted(load_prepared(cfg.run_dir).user_histories("train"))[:NUM_USERS]
+    out = cfg.run_dir / "rollouts" / "hf-test"
+    summary = run_rollout(
+        cfg, model_dir=str(cfg.run_dir / "model" / "base"), split="train", user_ids=users, seeds=[0],
+        temperature=1.0, max_steps=4, out_dir=out, policy_name="base",
+    )
+    check_episodes(out, users, [0], "base")
+    assert summary["episodes"] == NUM_USERS and summary["generated_tokens"] > 0
+    assert sum(summary["grounding"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_vllm_backend_rollout_stage_and_resume(run_root) -> None:
+    cfg = tiny_run_config(run_root, "vllm")
+    summary = rollout_stage(cfg)
+    out = cfg.run_dir / "rollouts" / "train"
+    users = pq.read_table(out, columns=["user_id"]).column("user_id").to_pylist()
+    assert len(set(users)) == NUM_USERS
+    check_episodes(out, sorted(set(users)), [0], "base")
+    assert summary["episodes"] == NUM_USERS and summary["tokens_per_s"] > 0
+    assert json.loads((out / "_stage.json").read_text())["summary"]["episodes"] == NUM_USERS
+    again = rollout_stage(cfg)
+    assert again["skipped"] is True and again["episodes"] == NUM_USERS

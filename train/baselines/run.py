@@ -1,0 +1,257 @@
+"""`ulrec baselines`: train every algorithm of ``baselines.algos`` on RLlib, evaluate it like the LLM
+methods, write its episodes where the report finds them.
+
+Per algorithm: ``<run>/baselines/<algo>/`` holds the RLlib checkpoint, ``summary.json`` and a
+stage marker (an algorithm whose inputs did not change is skipped); ``<run>/eval/<algo>/`` holds
+``episodes.parquet`` (the rollout episode schema) and ``summary.json``. Offline methods share the
+logged episodes in ``<run>/baselines/logged/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ulrec.config import Config, section_hash
+from ulrec.evaluation import select_eval_users, summarize_episodes
+from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.simulator import EchoChamberEnv, UserModel
+from ulrec.simulator.fit import load_env, load_simulator, simulator_path
+from ulrec.tracking import StageLogger, stage_logger
+
+from train.baselines.algos import OFFLINE_ALGOS, POLICY_ALGOS, budget_for, build_config
+from train.baselines.env import env_config, make_env, train_protocol
+from train.baselines.evaluate import episode_rows, run_episodes, write_episode_rows
+from train.baselines.logged import (
+    EPISODE_COLUMN,
+    BehaviourPolicy,
+    collect_episodes,
+    episode_stats,
+    popularity_from_model,
+    popularity_from_ratings,
+    unpack_episode,
+    write_episodes,
+)
+
+LOGGED_FILE = "episodes.parquet"
+# Where RLlib keeps the trained module inside an algorithm checkpoint.
+MODULE_IN_CHECKPOINT = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Tiny models step faster single-threaded (intra-op threads only add sync cost)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _baselines_settings(cfg: Config) -> dict[str, Any]:
+    return cfg.baselines.model_dump(mode="json", exclude={"algos", "enabled"})
+
+
+def _data_file(cfg: Config, name: str) -> Path | None:
+    path = cfg.run_dir / "data" / name
+    return path if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------ logged data
+def ensure_logged_data(cfg: Config, train_model: UserModel, out_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Behaviour-policy episodes on the train simulator as RLlib episode Parquet (cached)."""
+    b = cfg.baselines
+    input_hash = section_hash(
+        cfg, "data", "simulator", "env",
+        extra=[b.offline_episodes, b.behaviour_epsilon, b.train_max_steps, cfg.run.seed],
+    )
+    path = out_dir / LOGGED_FILE
+    if stage_done(out_dir, input_hash) and path.is_file():
+        return path, read_json(out_dir / "stats.json")
+    rng = np.random.default_rng(cfg.run.seed)
+    sequences = None
+    if _data_file(cfg, "train.parquet") is not None:
+        from ulrec.data import load_prepared
+
+        prepared = load_prepared(cfg.run_dir)
+        popularity = popularity_from_ratings(prepared.train["item_id"].to_numpy(), train_model.n_items)
+        sequences = prepared.user_histories("train")
+    else:
+        popularity = popularity_from_model(train_model, seed=cfg.run.seed)
+    policy = BehaviourPolicy(popularity, b.behaviour_epsilon, rng, sequences=sequences)
+    users = rng.choice(train_model.known_users(), size=b.offline_episodes, replace=True)
+    env = EchoChamberEnv(train_model, train_protocol(cfg))
+    episodes = collect_episodes(env, users, policy, window=max(cfg.env.window, 1))
+    write_episodes(episodes, path)
+    stats = episode_stats(episodes)
+    write_json(out_dir / "stats.json", stats)
+    mark_stage_done(out_dir, input_hash)
+    return path, stats
+
+
+def logged_sequences(path: Path) -> list[list[int]]:
+    """The recommended items of every logged episode (DORL's entropy when no ratings exist)."""
+    blobs = pd.read_parquet(path, columns=[EPISODE_COLUMN])[EPISODE_COLUMN]
+    return [[int(a) for a in unpack_episode(blob).get_actions()] for blob in blobs]
+
+
+# --------------------------------------------------------------------------------------- training
+def _scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The few numbers worth logging from an RLlib result dict."""
+    out: dict[str, float] = {}
+    runners = result.get("env_runners", {}) or {}
+    for key in ("episode_return_mean", "episode_len_mean", "num_env_steps_sampled_lifetime"):
+        if isinstance(runners.get(key), (int, float)):
+            out[key] = float(runners[key])
+    for key, value in (result.get("learners", {}).get("default_policy", {}) or {}).items():
+        if isinstance(value, (int, float, np.floating)) and ("loss" in key or "penalty" in key or key == "entropy"):
+            out[key] = float(value)
+    return out
+
+
+def train_algorithm(
+    algo_name: str, config: Any, budget_total: int, per_call: int, online: bool, logger: StageLogger, progress: bool
+) -> tuple[Any, int]:
+    """Run ``algo.train()`` until the budget is spent; returns the algorithm and the amount done."""
+    algo = config.build_algo()
+    done = 0
+    with tqdm(total=budget_total, desc=f"baseline {algo_name}", disable=not progress, unit="step" if online else "upd") as bar:
+        while done < budget_total:
+            result = algo.train()
+            new = (
+                int(result.get("env_runners", {}).get("num_env_steps_sampled_lifetime", done + per_call))
+                if online
+                else done + per_call
+            )
+            bar.update(new - done)
+            done = new
+            logger.log({f"{algo_name}/{k}": v for k, v in _scalars(result).items()}, step=None)
+    return algo, done
+
+
+def load_trained_module(checkpoint: Path) -> Any:
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    return RLModule.from_checkpoint(checkpoint / MODULE_IN_CHECKPOINT)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate_baseline(
+    cfg: Config, algo_name: str, module: Any, test_env: EchoChamberEnv, users: list[int], titles: list[str] | None
+) -> dict[str, Any]:
+    sample = algo_name in POLICY_ALGOS and cfg.baselines.eval_sample_policy
+    played = run_episodes(module, test_env, users, list(cfg.eval.seeds), sample=sample)
+    rows = episode_rows(played, run=cfg.run.name, policy=algo_name, split="test", titles=titles)
+    method_dir = cfg.run_dir / "eval" / algo_name
+    write_episode_rows(rows, method_dir / "episodes.parquet")
+    summary = summarize_episodes(pd.read_parquet(method_dir / "episodes.parquet"))
+    summary.update(method=algo_name, label=algo_name.upper(), acting="sample" if sample else "greedy")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ stage
+def baselines_stage(cfg: Config) -> dict[str, Any]:
+    """Train, checkpoint and evaluate every algorithm of ``cfg.baselines.algos``.
+
+    Returns per algorithm Len and Traj Reward (mean ± std over eval seeds) and the budget used.
+    """
+    from rollout.ray_utils import init_ray
+
+    b = cfg.baselines
+    out_root = cfg.run_dir / "baselines"
+    train_dir = simulator_path(cfg, "train")
+    train_model = load_simulator(cfg, "train")
+    protocol = train_protocol(cfg)
+    base_env_config = env_config(train_dir, protocol)
+    probe = make_env(base_env_config)
+    users = select_eval_users(cfg, "test")
+    test_env = load_env(cfg, "test", max_steps=cfg.eval.max_steps)
+    titles = None
+    if _data_file(cfg, "items.parquet") is not None:
+        from ulrec.data import load_prepared
+
+        titles = load_prepared(cfg.run_dir).titles
+
+    init_ray(cfg)
+    results: dict[str, Any] = {}
+    with torch_threads(1), stage_logger(cfg, "baselines", out_root) as logger:
+        logged_path = logged_stats = None
+        needs_logs = any(a in OFFLINE_ALGOS for a in b.algos) or ("dorl" in b.algos and _data_file(cfg, "train.parquet") is None)
+        if needs_logs:
+            logged_path, logged_stats = ensure_logged_data(cfg, train_model, out_root / "logged")
+            logger.log({f"logged/{k}": v for k, v in logged_stats.items()})
+        for algo_name in b.algos:
+            algo_dir = out_root / algo_name
+            input_hash = section_hash(
+                cfg, "data", "simulator", "env",
+                extra={
+                    "algo": algo_name,
+                    "baselines": _baselines_settings(cfg),
+                    "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
+                    "seed": cfg.run.seed,
+                },
+            )
+            if stage_done(algo_dir, input_hash) and (algo_dir / "summary.json").is_file():
+                results[algo_name] = read_json(algo_dir / "summary.json")
+                continue
+            budget = budget_for(algo_name, b)
+            online = algo_name not in OFFLINE_ALGOS
+            algo_env_config = base_env_config
+            if algo_name == "dorl":
+                from train.baselines.dorl import prepare_dorl
+
+                sequences = logged_sequences(logged_path) if logged_path is not None else []
+                algo_env_config = {**base_env_config, "dorl": prepare_dorl(cfg, train_dir, train_model, sequences, algo_dir / "dorl")}
+            config = build_config(
+                algo_name,
+                b,
+                seed=cfg.run.seed,
+                env_config=algo_env_config if online else None,
+                logged_path=str(logged_path) if not online else None,
+                observation_space=probe.observation_space,
+                action_space=probe.action_space,
+                logged_steps_per_episode=(
+                    logged_stats["transitions"] / max(logged_stats["episodes"], 1) if logged_stats else 4.0
+                ),
+            )
+            started = time.perf_counter()
+            algo, done = train_algorithm(algo_name, config, budget.total, budget.per_call, online, logger, cfg.run.progress)
+            train_s = time.perf_counter() - started
+            checkpoint = algo_dir / "checkpoint"
+            with atomic_path(checkpoint) as tmp:
+                algo.save_to_path(tmp)
+            algo.stop()
+            # Drop the algorithm (and its Ray Data iterators) while Ray is still up.
+            del algo
+            gc.collect()
+
+            started = time.perf_counter()
+            summary = evaluate_baseline(cfg, algo_name, load_trained_module(checkpoint), test_env, users, titles)
+            summary["budget"] = {"unit": budget.unit, "planned": budget.total, "done": int(done)}
+            summary["train_s"] = train_s
+            summary["eval_s"] = time.perf_counter() - started
+            write_json(cfg.run_dir / "eval" / algo_name / "summary.json", summary)
+            write_json(algo_dir / "summary.json", summary)
+            mark_stage_done(algo_dir, input_hash)
+            logger.log({f"{algo_name}/eval_len_mean": summary["len_mean"], f"{algo_name}/eval_reward_mean": summary["reward_mean"]})
+            results[algo_name] = summary
+        table = {
+            name: {
+                "Len": f"{s['len_mean']:.2f} ± {s['len_std']:.2f}",
+                "Traj Reward": f"{s['reward_mean']:.2f} ± {s['reward_std']:.2f}",
+                "budget": s["budget"],
+            }
+            for name, s in results.items()
+        }
+        logger.summary({f"{n}/len_mean": s["len_mean"] for n, s in results.items()})
+    write_json(out_root / "summary.json", table)
+    return table

@@ -1,0 +1,401 @@
+"""ULRec's two fine-tuning stages under Ray Train (paper §3.1–3.2).
+
+* ``sft_stage`` — stage 1 (ULRec-P): TRL ``SFTTrainer`` on the positives, loss on the completion
+  tokens only (EOS included), from the base model. Output ``checkpoints/sft``.
+* ``kto_stage`` — stage 2 (ULRec): :class:`train.trainers.ULRecKTOTrainer` on positives + negatives
+  from the stage-1 weights, reference = frozen stage 1. Ablations (``kto.variant``): ``no_sft``
+  (α = 0) → ``checkpoints/kto_no_sft``; ``no_kto`` (a second SFT stage on the same positives with
+  the KTO section's optimiser settings) → ``checkpoints/sft2``.
+
+Each stage runs its trainer inside a Ray Train ``TorchTrainer`` (workers from the section's
+``scaling``: CPU here, GPUs on a cluster). Every epoch the HF checkpoint is reported to Ray Train
+(``RayTrainReportCallback``); when training ends, rank 0 reports the final model directory. The
+driver copies it atomically to ``checkpoints/<name>`` (an HF directory with tokenizer, loadable by
+transformers and vLLM), with ``metrics.jsonl`` (the trainer's log history: loss, KTO rewards, KL)
+and ``train_summary.json``.
+
+Resume: the Ray run is named after the stage's input hash and stored under ``ray_train/``. A worker
+failure restarts the worker group (``FailureConfig``); a killed stage rerun with the same inputs
+finds the same run in storage. Either way the loop resumes from the latest reported checkpoint
+(``ray.train.get_checkpoint`` → ``resume_from_checkpoint``). A finished stage (``_stage.json`` with
+the same hash) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from rollout.ray_utils import init_ray
+from train.common import path_fingerprint
+from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling, section_hash
+from ulrec.errors import DataError
+from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.policy import resolve_model_dir
+from ulrec.tracking import wandb_mode
+
+FINAL_FILE = "final.json"  # marks the checkpoint reported after training ended
+MODEL_DIR = "model"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "train_summary.json"
+VARIANT_OUTPUTS = {"full": "kto", "no_sft": "kto_no_sft", "no_kto": "sft2"}
+
+
+@dataclass
+class TrainJob:
+    """Everything a Ray Train worker needs for one stage (plain data: it is pickled to workers)."""
+
+    kind: Literal["sft", "kto"]
+    name: str
+    rows_path: str
+    model_path: str
+    learning_rate: float
+    epochs: float
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float
+    max_length: int
+    logging_steps: int
+    seed: int = 0
+    use_gpu: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    progress: bool = True
+    # KTO only (paper Eq. 9–10)
+    beta: float = 0.1
+    alpha: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    mask_format_tokens: bool = True
+    # W&B environment for rank 0 (None: no W&B)
+    wandb_env: dict[str, str] | None = None
+    # Extra transformers TrainerCallbacks (must pickle), e.g. for fault-injection tests.
+    callbacks: list[Any] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------- the trainers
+def load_rows(path: str, kind: str):
+    """Rows as an in-memory HF ``Dataset``; KTO rows shuffled with a fixed seed by the caller."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    columns = ["prompt", "completion", "label"] if kind == "kto" else ["prompt", "completion"]
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read rows {path}: {exc}".splitlines()[0]) from None
+    if table.num_rows == 0:
+        raise DataError(f"no rows in {path}")
+    return Dataset.from_dict(table.to_pydict())
+
+
+def build_trainer(job: TrainJob, output_dir: str, report_to: Sequence[str] = ()) -> Any:
+    """The TRL trainer of ``job`` (SFTTrainer, or ULRecKTOTrainer with a frozen reference copy).
+    Used by the Ray Train loop and, unchanged, by the plain-TRL throughput baseline."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from train.trainers import ULRecKTOConfig, ULRecKTOTrainer
+
+    if not job.progress:
+        datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
+    common = dict(
+        output_dir=output_dir,
+        learning_rate=job.learning_rate,
+        num_train_epochs=job.epochs,
+        per_device_train_batch_size=job.per_device_batch_size,
+        gradient_accumulation_steps=job.gradient_accumulation_steps,
+        warmup_steps=job.warmup_ratio,
+        max_length=job.max_length,
+        logging_steps=job.logging_steps,
+        logging_first_step=True,
+        save_strategy="epoch",
+        save_total_limit=1,  # Ray Train keeps the reported copies
+        seed=job.seed,
+        bf16=job.bf16,
+        gradient_checkpointing=job.gradient_checkpointing,
+        use_cpu=not job.use_gpu,
+        report_to=list(report_to) or "none",
+        run_name=(job.wandb_env or {}).get("WANDB_NAME", job.name),
+        disable_tqdm=not job.progress,
+        ddp_find_unused_parameters=False,
+    )
+    rows = load_rows(job.rows_path, job.kind)
+    if job.kind == "sft":
+        args = SFTConfig(**common, completion_only_loss=True, packing=False)
+        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    args = ULRecKTOConfig(
+        **common,
+        beta=job.beta,
+        desirable_weight=job.desirable_weight,
+        undesirable_weight=job.undesirable_weight,
+        sft_alpha=job.alpha,
+        mask_format_tokens=job.mask_format_tokens,
+    )
+    # KTO reads batches in order (its KL term pairs neighbours), so mix the rows once here.
+    rows = rows.shuffle(seed=job.seed).flatten_indices()
+    ref_model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
+    ref_model.requires_grad_(False)
+    return ULRecKTOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=rows, processing_class=tokenizer
+    )
+
+
+def train_summary(trainer: Any, train_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Final step, runtime, throughput and the last logged value of each training metric."""
+    last: dict[str, Any] = {}
+    for record in trainer.state.log_history:
+        last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    summary = {k: v for k, v in last.items() if k not in {"step"}}
+    summary.update({k: v for k, v in train_metrics.items() if isinstance(v, (int, float))})
+    summary["global_step"] = trainer.state.global_step
+    runtime = summary.get("train_runtime") or 0.0
+    if "num_tokens" in summary and runtime > 0:
+        summary["train_tokens_per_second"] = summary["num_tokens"] / runtime
+    return summary
+
+
+# ----------------------------------------------------------------------------- Ray Train worker
+def _train_loop(config: dict[str, Any]) -> None:
+    """Per worker: build the trainer, resume from Ray's latest checkpoint, train, report the model."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    job: TrainJob = config["job"]
+    rank = ray.train.get_context().get_world_rank()
+    report_to: list[str] = []
+    if job.wandb_env is not None and rank == 0:
+        os.environ.update(job.wandb_env)
+        report_to = ["wandb"]
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as ckpt_dir:
+        if ckpt_dir is not None and (Path(ckpt_dir) / FINAL_FILE).is_file():
+            return  # finished in an earlier attempt: its final report is the result
+        resume_from = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_dir else None
+        with tempfile.TemporaryDirectory(prefix=f"ulrec-{job.name}-") as output_dir:
+            trainer = build_trainer(job, output_dir, report_to)
+            trainer.add_callback(RayTrainReportCallback())
+            for callback in job.callbacks:
+                trainer.add_callback(callback)
+            trainer = prepare_trainer(trainer)
+            result = trainer.train(resume_from_checkpoint=resume_from)
+
+    summary = train_summary(trainer, result.metrics)
+    summary["resumed"] = resume_from is not None
+    summary["torch_threads"] = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.save_model(str(Path(tmp) / MODEL_DIR))  # every rank calls; rank 0 writes
+        final = None
+        if rank == 0:
+            with (Path(tmp) / METRICS_FILE).open("w") as fh:
+                for record in trainer.state.log_history:
+                    fh.write(json.dumps(record) + "\n")
+            (Path(tmp) / FINAL_FILE).write_text(json.dumps(summary, indent=2))
+            final = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics=summary, checkpoint=final)
+
+
+def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: str, out_dir: Path) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg)
+    storage = (cfg.run_dir / "ray_train").resolve()
+    run_name = f"{job.name}-{input_hash}"
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {run_name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        ckpt = Path(ckpt_dir)
+        if not (ckpt / FINAL_FILE).is_file():
+            raise RuntimeError(f"Ray Train run {run_name}: latest checkpoint is not the final model")
+        summary = read_json(ckpt / FINAL_FILE)
+        with atomic_path(out_dir) as tmp:
+            shutil.copytree(ckpt / MODEL_DIR, tmp)
+            shutil.copy2(ckpt / METRICS_FILE, tmp / METRICS_FILE)
+            write_json(tmp / SUMMARY_FILE, summary)
+    summary["output"] = str(out_dir)
+    mark_stage_done(out_dir, input_hash, **{k: summary[k] for k in ("global_step", "output")})
+    # The optimiser-state checkpoints are only resume points; the stage is done.
+    shutil.rmtree(storage / run_name, ignore_errors=True)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _wandb_env(cfg: Config, stage: str) -> dict[str, str] | None:
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
+        return None
+    env = {
+        "WANDB_MODE": mode,
+        "WANDB_PROJECT": cfg.wandb.project,
+        "WANDB_RUN_GROUP": cfg.wandb.group or cfg.run.name,
+        "WANDB_JOB_TYPE": stage,
+        "WANDB_NAME": f"{cfg.run.name}/{stage}",
+        "WANDB_DIR": str(cfg.run_dir.resolve()),
+    }
+    if cfg.wandb.entity:
+        env["WANDB_ENTITY"] = cfg.wandb.entity
+    return env
+
+
+def _job(cfg: Config, kind: str, name: str, rows: Path, model: Path,
+         section: SFTConfigSection | KTOConfigSection, **extra: Any) -> TrainJob:
+    scaling = section.scaling
+    return TrainJob(
+        kind=kind,
+        name=name,
+        rows_path=str(rows.resolve()),
+        model_path=str(model.resolve()),
+        learning_rate=section.learning_rate,
+        epochs=section.epochs,
+        per_device_batch_size=section.per_device_batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        warmup_ratio=section.warmup_ratio,
+        max_length=section.max_length,
+        logging_steps=section.logging_steps,
+        seed=cfg.run.seed,
+        use_gpu=scaling.use_gpu,
+        bf16=scaling.use_gpu if scaling.bf16 is None else scaling.bf16,
+        gradient_checkpointing=scaling.gradient_checkpointing,
+        progress=cfg.run.progress,
+        wandb_env=_wandb_env(cfg, name),
+        **extra,
+    )
+
+
+def _require(path: Path, what: str, hint: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path} ({hint})")
+    return path
+
+
+def _stage(cfg: Config, job: TrainJob, section_name: str, scaling: TrainScaling, out_dir: Path,
+           extra_hash: dict[str, Any]) -> dict[str, Any]:
+    input_hash = section_hash(
+        cfg,
+        section_name,
+        extra={
+            "kind": job.kind,
+            "rows": path_fingerprint(job.rows_path),
+            "model": path_fingerprint(job.model_path),
+            "seed": cfg.run.seed,
+            **extra_hash,
+        },
+    )
+    if stage_done(out_dir, input_hash) and (out_dir / SUMMARY_FILE).is_file():
+        return {**read_json(out_dir / SUMMARY_FILE), "output": str(out_dir), "skipped": True}
+    return _run_on_ray(cfg, job, scaling, input_hash, out_dir)
+
+
+def sft_job(
+    cfg: Config,
+    *,
+    rows_path: str | Path | None = None,
+    init_model: str | Path | None = None,
+    output_name: str = "sft",
+    callbacks: Sequence[Any] = (),
+) -> TrainJob:
+    """Stage 1's job: SFT on ``rows/sft.parquet`` from the base model."""
+    rows = _require(Path(rows_path) if rows_path else cfg.run_dir / "rows" / "sft.parquet",
+                    "SFT rows", "run `ulrec train rows` first")
+    model = _require(Path(init_model) if init_model else resolve_model_dir(cfg),
+                     "base model", "run `ulrec model init` or set policy.model")
+    return _job(cfg, "sft", output_name, rows, model, cfg.sft, callbacks=list(callbacks))
+
+
+def kto_job(
+    cfg: Config,
+    *,
+    variant: Literal["full", "no_sft", "no_kto"] | None = None,
+    rows_path: str | Path | None = None,
+    init_model: str | Path | None = None,
+    output_name: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainJob:
+    """Stage 2's job for ``variant`` (default ``cfg.kto.variant``), from the stage-1 checkpoint.
+
+    ``full``: KTO (+ α·SFT) on ``rows/kto.parquet`` → ``kto``; ``no_sft``: the same with α = 0 →
+    ``kto_no_sft``; ``no_kto``: a second SFT on ``rows/sft.parquet`` with the KTO section's
+    optimiser settings → ``sft2``. ``output_name``/``rows_path``/``init_model`` override these.
+    """
+    variant = variant or cfg.kto.variant
+    name = output_name or VARIANT_OUTPUTS[variant]
+    init = _require(Path(init_model) if init_model else cfg.run_dir / "checkpoints" / "sft",
+                    "stage-1 checkpoint", "run `ulrec train sft` first")
+    section = cfg.kto
+    if variant == "no_kto":
+        rows = _require(Path(rows_path) if rows_path else cfg.run_dir / "rows" / "sft.parquet",
+                        "SFT rows", "run `ulrec train rows` first")
+        return _job(cfg, "sft", name, rows, init, section, callbacks=list(callbacks))
+    rows = _require(Path(rows_path) if rows_path else cfg.run_dir / "rows" / "kto.parquet",
+                    "KTO rows", "run `ulrec train rows` first")
+    return _job(
+        cfg, "kto", name, rows, init, section,
+        beta=section.beta,
+        alpha=0.0 if variant == "no_sft" else section.alpha,
+        desirable_weight=section.desirable_weight,
+        undesirable_weight=section.undesirable_weight,
+        mask_format_tokens=section.mask_format_tokens,
+        callbacks=list(callbacks),
+    )
+
+
+def sft_stage(
+    cfg: Config,
+    *,
+    rows_path: str | Path | None = None,
+    init_model: str | Path | None = None,
+    output_name: str = "sft",
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Stage 1 (ULRec-P) under Ray Train → ``checkpoints/<output_name>``; returns the summary."""
+    job = sft_job(cfg, rows_path=rows_path, init_model=init_model, output_name=output_name, callbacks=callbacks)
+    return _stage(cfg, job, "sft", cfg.sft.scaling, cfg.run_dir / "checkpoints" / job.name, {})
+
+
+def kto_stage(
+    cfg: Config,
+    *,
+    variant: Literal["full", "no_sft", "no_kto"] | None = None,
+    rows_path: str | Path | None = None,
+    init_model: str | Path | None = None,
+    output_name: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Stage 2 (ULRec) or an ablation under Ray Train → ``checkpoints/<name>`` (see :func:`kto_job`)."""
+    variant = variant or cfg.kto.variant
+    job = kto_job(cfg, variant=variant, rows_path=rows_path, init_model=init_model,
+                  output_name=output_name, callbacks=callbacks)
+    return _stage(cfg, job, "kto", cfg.kto.scaling, cfg.run_dir / "checkpoints" / job.name, {"variant": variant})
