@@ -28,11 +28,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The stages that have landed so far; `ulrec run` (the whole chain) replaces these two lines once
-# the rollout and training stages are on main.
+# The whole chain (data → simulators → base model → rollouts → SFT → KTO → eval → report);
+# finished stages are skipped, so an interrupted run resumes.
 run: setup
-	$(BIN)/ulrec data prepare --config $(CONFIG)
-	$(BIN)/ulrec env fit --config $(CONFIG)
+	$(BIN)/ulrec run --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs --durations=15

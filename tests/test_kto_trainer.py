@@ -154,3 +154,38 @@ def test_needs_its_config_class(setup, tmp_path):
     with pytest.raises(InputError, match="ULRecKTOConfig"):
         ULRecKTOTrainer(model=policy, ref_model=ref, args=KTOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True),
                          processing_class=tokenizer)
+
+
+def test_compact_scoring_gives_the_same_log_probs_and_gradients(setup):
+    """score_only_labelled_positions changes which positions TRL's fused head projects on CPU,
+    not the values: per-token log-probs and gradients match the score-everything path."""
+    import trl.trainer.utils as trl_utils
+
+    from train.trainers import score_only_labelled_positions
+
+    tokenizer, policy, _ = setup
+    ids = tokenizer(["Action 1: recommend[ Heat (1995) ]", "Action 2: recommend[ [REC] (2007) ]"], padding=True,
+                    return_tensors="pt")
+    labels = ids["input_ids"].masked_fill(torch.arange(ids["input_ids"].shape[1]) < 6, -100)
+    labels = labels.masked_fill(ids["attention_mask"] == 0, -100)
+    results = []
+    for compact in (False, True):
+        model = copy.deepcopy(policy)
+        saved = trl_utils._use_triton
+        try:
+            if compact:
+                score_only_labelled_positions()
+                assert trl_utils._use_triton(torch.device("cpu")) is True
+            else:
+                trl_utils._use_triton = lambda device: False
+            trl_utils.add_fused_lm_head(model)
+            out = model(**ids, labels=labels, fused_lm_head=True)
+            out.loss.backward()
+        finally:
+            trl_utils._use_triton = saved
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.log_probs.detach(), out.loss.detach(), grads))
+    (lp0, loss0, g0), (lp1, loss1, g1) = results
+    torch.testing.assert_close(lp1, lp0)
+    torch.testing.assert_close(loss1, loss0)
+    torch.testing.assert_close(g1, g0)

@@ -105,7 +105,7 @@ def rows_stage(
         cfg, "feedback", extra={"rollouts": [f"{f}={path_fingerprint(f)}" for f in files]}
     )
     if stage_done(out, input_hash) and (out / "stats.json").is_file():
-        return read_json(out / "stats.json")
+        return {**read_json(out / "stats.json"), "skipped": True}
 
     table, num_episodes = _episode_rows(cfg, files)
     positives = table.filter(pc.field("label"))

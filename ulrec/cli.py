@@ -164,6 +164,11 @@ def _call(stage: str, cfg: Config) -> Any:
     return getattr(importlib.import_module(module_name), fn_name)(cfg)
 
 
+def _echo_skipped(result: Any) -> None:
+    if isinstance(result, dict) and result.get("skipped"):
+        typer.echo("   skipped: its outputs exist for this config")
+
+
 def run_pipeline(cfg: Config) -> str:
     import time
 
@@ -176,7 +181,7 @@ def run_pipeline(cfg: Config) -> str:
     for name, stage in stages:
         start = time.perf_counter()
         typer.echo(f"== {name}")
-        _call(stage, cfg)
+        _echo_skipped(_call(stage, cfg))
         timings[name] = time.perf_counter() - start
     if cfg.eval.ablations:
         for variant in ("no_sft", "no_kto"):
@@ -184,7 +189,7 @@ def run_pipeline(cfg: Config) -> str:
             typer.echo(f"== ablation {variant}")
             ablation = cfg.model_copy(deep=True)
             ablation.kto.variant = variant
-            _call("train.stages:kto_stage", ablation)
+            _echo_skipped(_call("train.stages:kto_stage", ablation))
             timings[f"ablation {variant}"] = time.perf_counter() - start
     if cfg.pipeline.rounds > 1:
         # Round 1's evaluation first: later rounds report against it.

@@ -83,7 +83,7 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     if stage_done(out, key) and (out / "stats.json").is_file():
         if cfg.run.progress:
             print(f"ulrec: data up to date in {out}", file=sys.stderr)
-        return read_json(out / "stats.json")
+        return {**read_json(out / "stats.json"), "skipped": True}
 
     raw = read_raw(cfg)
     prepared = process(raw, cfg.data)

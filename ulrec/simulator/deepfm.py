@@ -38,25 +38,31 @@ from ulrec.simulator.user_models import (
 
 DistanceKind = Literal["embedding", "rating_columns"]
 _FEATURES = ("user_id", "item_id")
-# Seconds to wait for deepctr-torch's PyPI version check (it fails fast offline).
-_VERSION_CHECK_WAIT_S = 5.0
 
 
 def _import_deepctr() -> None:
-    """Import deepctr-torch keeping its version-check notice off stdout.
+    """Import deepctr-torch without its PyPI version check.
 
-    On import it starts a thread asking PyPI for the latest version, which prints a notice to
-    stdout when offline; stdout carries stage results (JSON), so that thread is given a few seconds
-    to finish while stdout points at stderr.
+    On import, deepctr-torch 0.3.0 starts a thread that asks PyPI for newer releases and prints a
+    notice when that fails: a network call from every process that loads a simulator (each
+    rollout shard). Threads whose target is that check are not started; any other thread is.
     """
     if "deepctr_torch" in sys.modules:
         return
-    before = set(threading.enumerate())
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepctr_torch  # noqa: F401
 
-        for thread in set(threading.enumerate()) - before:
-            thread.join(timeout=_VERSION_CHECK_WAIT_S)
+    class _WithoutVersionCheck(threading.Thread):
+        def start(self) -> None:
+            target = getattr(self, "_target", None)
+            if getattr(target, "__qualname__", "") == "check_version.<locals>.check":
+                return
+            super().start()
+
+    real_thread = threading.Thread
+    threading.Thread = _WithoutVersionCheck  # deepctr_torch.utils binds it by `from threading import Thread`
+    try:
+        import deepctr_torch  # noqa: F401
+    finally:
+        threading.Thread = real_thread
 
 
 def _build_deepfm(n_users: int, n_items: int, hp: DeepFMConfig, seed: int) -> Any:
