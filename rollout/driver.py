@@ -198,7 +198,7 @@ def collect_episodes(
         for _ in range(num_shards)
     ]
     try:
-        ray.get([r.ready.remote() for r in replicas] + [s.ready.remote() for s in shards])
+        _wait_for_actors(replicas, shards, ro)
         ready = time.perf_counter()
         progress = RolloutProgress(specs, shards, replicas, show=cfg.run.progress, on_report=on_report)
         with atomic_path(out_dir) as tmp:
@@ -220,6 +220,20 @@ def collect_episodes(
         split=labels.split,
     )
     return summary
+
+
+def _wait_for_actors(replicas: list, shards: list, ro) -> None:
+    """Block until every actor started; a clear error when they cannot be placed in time."""
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        ray.get([r.ready.remote() for r in replicas] + [s.ready.remote() for s in shards], timeout=ro.start_timeout_s)
+    except GetTimeoutError:
+        raise UlrecError(
+            f"rollout actors did not start within rollout.start_timeout_s={ro.start_timeout_s:g} s: "
+            f"{len(replicas)} replica(s) need {ro.replica_num_cpus:g} CPU + {ro.replica_num_gpus:g} GPU each, "
+            f"{len(shards)} shard(s) {ro.shard_num_cpus:g} CPU each; the cluster has {ray.cluster_resources()}"
+        ) from None
 
 
 class RolloutProgress:

@@ -96,9 +96,10 @@ def test_rollout_survives_losing_a_worker_node(cluster: Cluster, tmp_path: Path,
     CPU node. Mid-rollout the node of one replica (or of the shards) is removed and a fresh node
     of its type joins, as the autoscaler would do; Ray restarts the lost actors there, and every
     episode is written exactly once."""
+    # A hang (actors that cannot be placed) fails within the test's time instead.
     cfg = rollout_config(tmp_path, num_replicas=2, replica_num_gpus=1.0, replica_num_cpus=1.0, num_shards=2,
-                         max_restarts=3)
-    sources = fake_sources(40, 8, delay_s=0.02)
+                         max_restarts=3, start_timeout_s=180)
+    sources = fake_sources(40, 8, delay_s=0.05)
     users, seeds = list(range(40)), [0]
     gpu_ids = gpu_node_ids()
     state: dict = {"removed": None}
@@ -110,7 +111,13 @@ def test_rollout_survives_losing_a_worker_node(cluster: Cluster, tmp_path: Path,
         shard_nodes = [node_of(s) for s in progress.shards]
         assert len(set(replica_nodes)) == 2 and set(replica_nodes) <= gpu_ids  # spread by resources
         assert not set(shard_nodes) & gpu_ids
-        target = replica_nodes[0] if victim == "replica" else shard_nodes[0]
+        if victim == "replica":
+            target = replica_nodes[0]
+        else:  # the node of a shard that still has episodes to play, so it must be restarted
+            owing = [i for i, remaining in enumerate(progress.remaining) if remaining]
+            if not owing:
+                return
+            target = shard_nodes[owing[0]]
         state["removed"] = progress.done
         node = next(n for n in cluster.list_all_nodes() if n.node_id == target)
         cluster.remove_node(node, allow_graceful=False)

@@ -32,7 +32,7 @@ from _rollout_helpers import (
     rollout_config,
     tiny_env,
 )
-from ulrec.errors import InputError
+from ulrec.errors import InputError, UlrecError
 from ulrec.policy import GenerationResult
 from ulrec.prompts import PromptBuilder
 from ulrec.simulator import EchoChamberEnv, EnvConfig, MatrixUserModel
@@ -262,6 +262,13 @@ def test_failed_rollout_leaves_no_output(ray_session, tmp_path) -> None:
     bad = dataclasses.replace(sources, env_factory=partial(tiny_env, 10, len(TITLES), 0))  # max_steps 0
     with pytest.raises(ray.exceptions.RayActorError, match="max_steps"):
         run(cfg, bad, list(range(10)), [0], tmp_path / "episodes")
+    assert not (tmp_path / "episodes").exists()
+
+
+def test_actors_that_cannot_be_placed_fail_with_what_they_asked_for(ray_session, tmp_path) -> None:
+    cfg = rollout_config(tmp_path, replica_num_gpus=1.0, start_timeout_s=2)  # the session has no GPU
+    with pytest.raises(UlrecError, match=r"did not start within rollout.start_timeout_s=2 s: 1 replica\(s\) need 0.5 CPU \+ 1 GPU"):
+        run(cfg, fake_sources(4, 2), list(range(4)), [0], tmp_path / "episodes")
     assert not (tmp_path / "episodes").exists()
 
 

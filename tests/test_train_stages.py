@@ -76,6 +76,13 @@ def test_stage_jobs_and_ablation_variants(tmp_path):
     assert (no_kto.kind, no_kto.name, Path(no_kto.rows_path).name, no_kto.learning_rate) == ("sft", "sft2", "sft.parquet", 2e-4)
     sweep = kto_job(cfg, output_name="kto_b0.05_a0.3")
     assert sweep.name == "kto_b0.05_a0.3"
+    assert full.undesirable_weight == 1.0
+    labels = pq.read_table(cfg.run_dir / "rows" / "kto.parquet").column("label").to_pylist()
+    balanced = cfg.model_copy(update={"kto": cfg.kto.model_copy(update={"undesirable_weight": "balanced",
+                                                                       "desirable_weight": 0.5})})
+    assert kto_job(balanced).undesirable_weight == pytest.approx(0.5 * sum(labels) / (len(labels) - sum(labels)))
+    with pytest.raises(Exception, match="balanced"):
+        load_config(None, ["kto.undesirable_weight=0"])
     with pytest.raises(DataError, match="SFT rows not found"):
         sft_job(cfg, rows_path=tmp_path / "missing.parquet")
 

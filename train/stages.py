@@ -362,6 +362,22 @@ def sft_job(
     return _job(cfg, "sft", output_name, rows, model, cfg.sft, callbacks=list(callbacks))
 
 
+def undesirable_weight(section: KTOConfigSection, rows: Path) -> float:
+    """λ_0 of ``kto.undesirable_weight``; "balanced" = desirable_weight × positives / negatives."""
+    if section.undesirable_weight != "balanced":
+        return float(section.undesirable_weight)
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(rows, columns=["label"]).column("label")
+    positives = int(pc.sum(labels).as_py() or 0)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        raise DataError(f"kto.undesirable_weight=balanced needs positive and negative rows ({rows}: "
+                        f"{positives} positives, {negatives} negatives)")
+    return section.desirable_weight * positives / negatives
+
+
 def kto_job(
     cfg: Config,
     *,
@@ -393,7 +409,7 @@ def kto_job(
         beta=section.beta,
         alpha=0.0 if variant == "no_sft" else section.alpha,
         desirable_weight=section.desirable_weight,
-        undesirable_weight=section.undesirable_weight,
+        undesirable_weight=undesirable_weight(section, rows),
         mask_format_tokens=section.mask_format_tokens,
         callbacks=list(callbacks),
     )

@@ -203,13 +203,15 @@ def run_pipeline(cfg: Config) -> str:
         typer.echo("== RL baselines")
         _call("train.baselines.run:baselines_stage", cfg)
         timings["baselines"] = time.perf_counter() - start
+    from ulrec.io import write_json
+
     for name, stage in [("evaluation", "rollout.evaluate:eval_stage"), ("report", "ulrec.report:report_stage")]:
+        if name == "report":  # the report lists the stage times so far
+            write_json(cfg.run_dir / "timings.json", timings)
         start = time.perf_counter()
         typer.echo(f"== {name}")
         out = _call(stage, cfg)
         timings[name] = time.perf_counter() - start
-    from ulrec.io import write_json
-
     write_json(cfg.run_dir / "timings.json", timings)
     total = sum(timings.values())
     return f"{out}\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total:.0f}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -229,6 +229,9 @@ class RolloutConfig(Section):
     episodes_per_file: int = Field(default=2048, ge=1)
     # First wait before a shard retries a request whose replica died (grows per attempt).
     retry_backoff_s: float = Field(default=1.0, ge=0)
+    # How long the actors may take to be placed and start (engines load; on a cluster the
+    # autoscaler may add nodes). Past it the rollout fails with what it asked for.
+    start_timeout_s: float = Field(default=1800.0, gt=0)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -271,7 +274,10 @@ class KTOConfigSection(Section):
     beta: float = Field(default=0.01, gt=0)
     alpha: float = Field(default=0.1, ge=0)
     desirable_weight: float = Field(default=1.0, gt=0)
-    undesirable_weight: float = Field(default=1.0, gt=0)
+    # λ_0 (paper Eq. 9). "balanced": desirable_weight × positives / negatives of the rows, so both
+    # kinds weigh the same in total (KTO's authors advise λ_D·n_D / λ_U·n_U in [1, 4/3]; rollouts
+    # give ~5 positives per negative, which at 1.0 leaves the negatives little say).
+    undesirable_weight: float | Literal["balanced"] = 1.0
     per_device_batch_size: int = Field(default=8, ge=2)
     gradient_accumulation_steps: int = Field(default=8, ge=1)
     # A fraction of the total steps (< 1).
@@ -283,6 +289,13 @@ class KTOConfigSection(Section):
     # full = ULRec; no_sft = w/o SFT (α = 0); no_kto = w/o KTO (a second SFT stage).
     variant: Literal["full", "no_sft", "no_kto"] = "full"
     scaling: TrainScaling = Field(default_factory=TrainScaling)
+
+    @field_validator("undesirable_weight")
+    @classmethod
+    def _positive_weight(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError("must be > 0 or 'balanced'")
+        return value
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -226,6 +226,46 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ report
+BASELINE_BUDGET_KEYS = (
+    "online_env_steps", "onpolicy_env_steps", "offline_updates", "offline_episodes", "batch_size",
+    "train_max_steps", "dorl_ensemble",
+)
+
+
+def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[str]:
+    """What the numbers cost: training settings, the baselines' budget, and stage times."""
+    md = ["## Budget", ""]
+    md.append(
+        f"- rollouts: {cfg.rollout.num_users} training users × seeds {list(cfg.rollout.seeds)}, temperature "
+        f"{cfg.rollout.temperature}, horizon {cfg.rollout.max_steps}"
+    )
+    md.append(
+        f"- SFT: {cfg.sft.epochs:g} epoch(s), lr {cfg.sft.learning_rate:g}, batch "
+        f"{cfg.sft.per_device_batch_size * cfg.sft.gradient_accumulation_steps} × {cfg.sft.scaling.num_workers} worker(s)"
+    )
+    weight = cfg.kto.undesirable_weight
+    rows_stats_path = run_dir / "rows" / "stats.json"
+    if weight == "balanced" and rows_stats_path.is_file():
+        counts = read_json(rows_stats_path)
+        if counts.get("negatives"):
+            weight = f"balanced = {cfg.kto.desirable_weight * counts['positives'] / counts['negatives']:.2f}"
+    md.append(
+        f"- KTO: {cfg.kto.epochs:g} epoch(s), lr {cfg.kto.learning_rate:g}, β {cfg.kto.beta:g}, α {cfg.kto.alpha:g}, "
+        f"undesirable weight {weight}, title-only log-ratio {cfg.kto.mask_format_tokens}"
+    )
+    if any(m in results for m in BASELINE_ORDER):
+        bl = cfg.baselines
+        md.append("- RL baselines: " + ", ".join(f"{k} {getattr(bl, k)}" for k in BASELINE_BUDGET_KEYS)
+                  + " (EasyRL4Rec: 100k gradient updates / env steps)")
+    timings_path = run_dir / "timings.json"
+    if timings_path.is_file():
+        timings = read_json(timings_path)
+        md.append("- stage times (s, this machine; 0 = skipped, done earlier): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    md.append("")
+    return md
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -287,6 +327,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         md += ["## Iterative rounds", "", "| round | ULRec Len | Traj Reward |", "|---|---|---|"]
         md += [f"| {r['round']} | {_fmt(r['len_mean'], r['len_std'])} | {_fmt(r['reward_mean'], r['reward_std'])} |" for r in rounds]
         md.append("")
+    md += budget_section(cfg, results, run_dir)
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     if data_stats:
