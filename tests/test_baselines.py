@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -344,7 +346,7 @@ def test_each_algorithm_trains_a_few_iterations(tmp_path, ray_session, algo_name
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~2 CPU-minutes; the default 600 s is too tight on a shared, busy CPU
-def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_session):
+def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_session, monkeypatch):
     """The `ulrec baselines` stage on the designed env: each algorithm beats random.
 
     Every method must learn which items users like: far fewer low-reward exits than random (about
@@ -357,8 +359,11 @@ def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_sess
     """
     from train.baselines.run import baselines_stage
 
+    # A relative run.root, as in the configs (RLlib rejects relative checkpoint paths; Ray's
+    # workers started elsewhere): the stage must make its paths absolute.
+    monkeypatch.chdir(tmp_path)
     cfg = make_run_dir(
-        tmp_path,
+        Path("relative-root"),
         **{
             "baselines.algos": ",".join(ALL_ALGOS),
             "baselines.online_env_steps": 3000,

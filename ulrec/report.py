@@ -276,6 +276,15 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _tau_d(calibration: dict[str, Any], cfg: Config) -> str:
+    """The test simulator's τ_d: calibrated (simulators/calibration.json) or absolute from config."""
+    value = calibration.get("thresholds", {}).get("test", cfg.env.distance_threshold)
+    if value is None:
+        return "not calibrated"
+    quantile = f" ({cfg.env.distance_quantile:g} quantile)" if cfg.env.distance_threshold is None else ""
+    return f"{value:.4g}{quantile}"
+
+
 def build_report(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run_dir
     results = collect_results(run_dir)
@@ -303,7 +312,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         f"Test simulator, {cfg.eval.num_users} test users (seed {cfg.eval.user_seed}), temperature "
         f"{cfg.eval.temperature}, horizon {cfg.eval.max_steps}, seeds {list(cfg.eval.seeds)}; mean ± std over "
         f"seeds. Exit protocol: τ_r = {cfg.env.reward_threshold}, W = {cfg.env.window}, τ_d = "
-        f"{calibration.get('test', {}).get('distance_threshold', cfg.env.distance_threshold)}"
+        f"{_tau_d(calibration, cfg)}"
         + (" (legacy rule)" if cfg.env.legacy else "")
         + "."
     )

@@ -166,6 +166,9 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
     """
     from rollout.ray_utils import init_ray
 
+    # RLlib takes checkpoint and data paths as URIs (a relative path is an error there), and its
+    # workers may not share our working directory: every path of this stage is absolute.
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})})
     b = cfg.baselines
     out_root = cfg.run_dir / "baselines"
     train_dir = simulator_path(cfg, "train")
