@@ -1,0 +1,54 @@
+"""Every stage of one pipeline run lands in one W&B group: the stage loggers (data, rollouts,
+evaluation, baselines) and the Ray Train stages' environment (SFT, KTO)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+from train.stages import _wandb_env
+from ulrec.config import load_config
+from ulrec.tracking import read_metrics, stage_logger, wandb_mode
+
+
+class FakeRun:
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+        self.logged: list[dict] = []
+        self.summary: dict = {}
+
+    def log(self, metrics, step=None) -> None:
+        self.logged.append(metrics)
+
+    def finish(self) -> None:
+        pass
+
+
+def test_every_stage_of_a_run_shares_one_wandb_group(tmp_path, monkeypatch):
+    runs: list[FakeRun] = []
+    fake = types.SimpleNamespace(init=lambda **kw: runs.append(FakeRun(**kw)) or runs[-1])
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=exp1"])
+    assert wandb_mode(cfg) == "offline"  # no key: offline, never a login prompt
+
+    for stage in ("rollout-train", "eval", "baselines"):
+        with stage_logger(cfg, stage, tmp_path / stage) as logger:
+            logger.log({"x": 1.0})
+    assert [r.kwargs["group"] for r in runs] == ["exp1"] * 3
+    assert [r.kwargs["name"] for r in runs] == ["exp1/rollout-train", "exp1/eval", "exp1/baselines"]
+    assert {r.kwargs["mode"] for r in runs} == {"offline"}
+    assert read_metrics(tmp_path / "eval" / "metrics.jsonl")[0]["x"] == 1.0
+
+    for stage in ("sft", "kto"):
+        env = _wandb_env(cfg, stage)
+        assert (env["WANDB_RUN_GROUP"], env["WANDB_NAME"], env["WANDB_MODE"]) == ("exp1", f"exp1/{stage}", "offline")
+
+    grouped = load_config(None, [f"run.root={tmp_path}", "run.name=exp1", "wandb.group=sweep-a"])
+    assert _wandb_env(grouped, "kto")["WANDB_RUN_GROUP"] == "sweep-a"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode(cfg) == "online"
+    assert _wandb_env(load_config(None, ["wandb.enabled=false"]), "sft") is None
+    json.dumps([r.kwargs["config"] for r in runs])  # the config travels as plain JSON
