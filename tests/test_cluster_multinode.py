@@ -99,13 +99,15 @@ def test_rollout_survives_losing_a_worker_node(cluster: Cluster, tmp_path: Path,
     # A hang (actors that cannot be placed) fails within the test's time instead.
     cfg = rollout_config(tmp_path, num_replicas=2, replica_num_gpus=1.0, replica_num_cpus=1.0, num_shards=2,
                          max_restarts=3, start_timeout_s=180)
-    sources = fake_sources(40, 8, delay_s=0.05)
+    # Slow generation (1 s a batch): the rollout is still running when the node goes, whatever
+    # the machine's load.
+    sources = fake_sources(40, 8, delay_s=1.0)
     users, seeds = list(range(40)), [0]
     gpu_ids = gpu_node_ids()
     state: dict = {"removed": None}
 
     def remove_node(progress) -> None:
-        if state["removed"] is not None or progress.done < 5:
+        if state["removed"] is not None or progress.done < 1:
             return
         replica_nodes = [node_of(r) for r in progress.replicas]
         shard_nodes = [node_of(s) for s in progress.shards]

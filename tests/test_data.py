@@ -318,7 +318,7 @@ def test_prepare_synthetic_end_to_end_and_resume(tmp_path: Path, monkeypatch: py
         raise AssertionError("re-read although the stage was done")
 
     monkeypatch.setitem(prepare_module.READERS, "synthetic", no_read)
-    assert prepare_data(cfg) == stats
+    assert prepare_data(cfg) == {**stats, "skipped": True}
     monkeypatch.undo()
     # Changed inputs: prepared again.
     changed = prepare_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train_fraction": 0.8})}))

@@ -184,7 +184,7 @@ def test_rows_stage_writes_counts_and_skips_when_done(tmp_path, ray_session):
 
     mtime = (rows_dir / "kto.parquet").stat().st_mtime_ns
     again = rows_stage(cfg, rollout_dirs=[cfg.run_dir / "rollouts" / "train", tmp_path / "round2"])
-    assert again == stats and (rows_dir / "kto.parquet").stat().st_mtime_ns == mtime
+    assert again == {**stats, "skipped": True} and (rows_dir / "kto.parquet").stat().st_mtime_ns == mtime
 
 
 @pytest.mark.slow

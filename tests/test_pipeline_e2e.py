@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import ray
 
 from ulrec.cli import main
 
@@ -80,8 +81,16 @@ STAGE_OUTPUTS = [
 ]
 
 
+@pytest.fixture
+def own_ray_session():
+    """`ulrec run` starts Ray in this process (a CLI process ends with it); later tests start
+    their own, so it must be down when this test ends."""
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys):
+def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_ray_session):
     args = ["run", *TINY_RUN, f"run.root={tmp_path}"]
     assert main(args) == 0
     first = capsys.readouterr().out
