@@ -57,8 +57,14 @@ class RolloutSources:
     env_factory: Callable[[], EchoChamberEnv]
 
 
-def _policy_factory(policy_cfg, model_dir: str, titles: list[str]) -> Policy:
-    return make_policy(policy_cfg, model_dir, titles=titles)
+def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=None) -> Policy:
+    """The policy engine; a ReAct collector (``rollout.collector.prompt_style: react``) wraps it."""
+    policy = make_policy(policy_cfg, model_dir, titles=titles)
+    if collector is not None and collector.prompt_style == "react":
+        from ulrec.policy.react import ReActPolicy
+
+        return ReActPolicy(policy, collector.max_thought_tokens)
+    return policy
 
 
 def _grounder_factory(grounding_cfg, titles: list[str]) -> TitleGrounder:
@@ -73,7 +79,7 @@ def _env_factory(cfg: Config, split: str, max_steps: int) -> EchoChamberEnv:
     return load_env(cfg, split, max_steps=max_steps)
 
 
-def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int) -> RolloutSources:
+def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, collector=None) -> RolloutSources:
     """The real pieces: prepared data, the saved simulator of ``split``, the policy at ``model_dir``."""
     from ulrec.data import load_prepared
     from ulrec.simulator.fit import env_config_for, simulator_path
@@ -89,7 +95,7 @@ def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int) -> R
     return RolloutSources(
         titles=data.titles,
         histories=data.user_histories(split, max_len=cfg.policy.history_length),
-        policy_factory=partial(_policy_factory, cfg.policy, str(model_dir)),
+        policy_factory=partial(_policy_factory, cfg.policy, str(model_dir), collector=collector),
         grounder_factory=partial(_grounder_factory, cfg.grounding),
         env_factory=partial(_env_factory, cfg, split, max_steps),
     )
@@ -106,16 +112,20 @@ def run_rollout(
     max_steps: int,
     out_dir: Path,
     policy_name: str,
+    collector=None,
 ) -> dict[str, Any]:
     """Play one episode per (user, seed) with the policy at ``model_dir`` on ``split``'s
     simulator and write them to ``out_dir`` as Parquet (one row per episode). Returns the summary
     (episodes, mean length and reward, exit-reason and grounding shares, tokens, tokens/s, times).
+    ``collector`` (``cfg.rollout.collector``) makes it a ReAct collector when its style says so.
     """
     if split not in ("train", "test"):
         raise InputError(f"split must be 'train' or 'test' (got {split!r})")
     if max_steps < 1:
         raise InputError(f"max_steps must be >= 1 (got {max_steps})")
-    sources = run_sources(cfg, model_dir=model_dir, split=split, max_steps=max_steps)
+    if collector is not None and collector.prompt_style == "react" and cfg.policy.constrained:
+        raise InputError("rollout.collector.prompt_style=react needs policy.constrained=false (thoughts are free text)")
+    sources = run_sources(cfg, model_dir=model_dir, split=split, max_steps=max_steps, collector=collector)
     return collect_episodes(
         cfg,
         sources,
@@ -377,6 +387,32 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in weights)
 
 
+def collector_model_dir(cfg: Config) -> Path:
+    """The model that collects the training rollouts: ``rollout.collector.model`` or the base model."""
+    if cfg.rollout.collector.model:
+        return Path(cfg.rollout.collector.model).expanduser()
+    return resolve_model_dir(cfg)
+
+
+def training_rollout(cfg: Config, model_dir: Path, out_dir: Path, users: list[int], *, split: str = "train",
+                     policy_name: str, collector=None) -> dict[str, Any]:
+    """Training rollouts with the ``rollout`` section's settings (seeds, exploration temperature,
+    horizon): the rollout stage's, and each iterative round's."""
+    ro = cfg.rollout
+    return run_rollout(
+        cfg,
+        model_dir=str(model_dir),
+        split=split,
+        user_ids=users,
+        seeds=list(ro.seeds),
+        temperature=ro.temperature,
+        max_steps=ro.max_steps,
+        out_dir=out_dir,
+        policy_name=policy_name,
+        collector=collector,
+    )
+
+
 def rollout_stage(cfg: Config) -> dict[str, Any]:
     """`ulrec rollout`: training rollouts on ``rollout.split`` into ``<run>/rollouts/<split>``."""
     from ulrec.data import load_prepared, prepared_hash
@@ -385,9 +421,10 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
 
     ro = cfg.rollout
     out_dir = cfg.run_dir / "rollouts" / ro.split
-    model_dir = resolve_model_dir(cfg)
+    model_dir = collector_model_dir(cfg)
     if not (model_dir / "config.json").is_file():
-        raise UlrecError(f"no policy model at {model_dir} (run `ulrec model init` or set policy.model)")
+        what = "rollout.collector.model" if ro.collector.model else "policy model"
+        raise UlrecError(f"no {what} at {model_dir} (run `ulrec model init`, or set policy.model / rollout.collector.model)")
     input_hash = section_hash(
         cfg, *STAGE_SECTIONS, extra=[cfg.run.seed, prepared_hash(cfg.run_dir), model_fingerprint(model_dir)]
     )
@@ -395,16 +432,9 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
         return {"skipped": True, **read_json(out_dir / "_stage.json").get("summary", {})}
     histories = load_prepared(cfg.run_dir).user_histories(ro.split)
     users = draw_users(eval_user_pool(histories), ro.num_users, cfg.run.seed)
-    summary = run_rollout(
-        cfg,
-        model_dir=str(model_dir),
-        split=ro.split,
-        user_ids=users,
-        seeds=list(ro.seeds),
-        temperature=ro.temperature,
-        max_steps=ro.max_steps,
-        out_dir=out_dir,
-        policy_name=model_dir.name,
+    summary = training_rollout(
+        cfg, model_dir, out_dir, users, split=ro.split,
+        policy_name="collector" if ro.collector.model else model_dir.name, collector=ro.collector,
     )
     # Metrics live beside, not inside, the Parquet directory (readers glob it).
     with stage_logger(cfg, f"rollout-{ro.split}", cfg.run_dir / "logs" / f"rollout-{ro.split}") as logger:

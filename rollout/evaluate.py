@@ -26,6 +26,10 @@ from ulrec.io import mark_stage_done, read_json, stage_done, write_json
 
 
 def method_model_dir(cfg: Config, method: str) -> Path:
+    if method == "collector":
+        from rollout.driver import collector_model_dir
+
+        return collector_model_dir(cfg)
     if method not in METHOD_CHECKPOINTS:
         known = ", ".join(METHOD_CHECKPOINTS)
         raise UlrecError(f"eval.methods: unknown method '{method}' (known: {known})")
@@ -35,40 +39,50 @@ def method_model_dir(cfg: Config, method: str) -> Path:
 
 def eval_methods(cfg: Config) -> list[str]:
     methods = list(cfg.eval.methods)
+    # Paper Fig. 5: the collector's own test Len beside ULRec, whenever one collected the data.
+    if cfg.rollout.collector.model and "collector" not in methods:
+        methods.insert(0, "collector")
     if cfg.eval.ablations:
         methods += [m for m in ABLATION_METHODS if m not in methods]
     return methods
 
 
 def evaluate_model(
-    cfg: Config, method: str, model_dir: Path, users: list[int], out_root: Path | None = None
+    cfg: Config, method: str, model_dir: Path, users: list[int], out_root: Path | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Evaluate one model directory on the test simulator; returns its summary (cached)."""
+    """Evaluate one model directory on the ``split`` simulator (the test one, except for selection
+    on validation users of the train one); returns its summary (cached)."""
     from rollout.driver import model_fingerprint, run_rollout
     from ulrec.data import prepared_hash
 
     if not (model_dir / "config.json").is_file():
         raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
     method_dir = (out_root or cfg.run_dir / "eval") / method
+    collector = cfg.rollout.collector if method == "collector" else None
     input_hash = section_hash(
-        cfg, "eval", "env", "policy", "grounding", extra=[users, prepared_hash(cfg.run_dir), model_fingerprint(model_dir)]
+        cfg, "eval", "env", "policy", "grounding",
+        extra=[users, prepared_hash(cfg.run_dir), model_fingerprint(model_dir),
+               collector.model_dump() if collector else None, split],
     )
     if stage_done(method_dir, input_hash):
         return read_json(method_dir / "summary.json")
     rollout_summary = run_rollout(
         cfg,
         model_dir=str(model_dir),
-        split="test",
+        split=split,
         user_ids=users,
         seeds=list(cfg.eval.seeds),
         temperature=cfg.eval.temperature,
         max_steps=cfg.eval.max_steps,
         out_dir=method_dir / "episodes",
         policy_name=method,
+        collector=collector,
     )
     summary = summarize_episodes(read_episodes(method_dir / "episodes"))
     summary.update(
         method=method,
+        split=split,
         label=METHOD_LABELS.get(method, method),
         model_dir=str(model_dir),
         tokens_per_s=rollout_summary.get("tokens_per_s"),

@@ -89,14 +89,46 @@ def own_ray_session():
     ray.shutdown()
 
 
+# Stage 2's β chosen by `ulrec sweep` on validation users of the train simulator.
+SWEEP = ["pipeline.use_sweep_pick=true", "pipeline.sweep_betas=[0.01,0.5]", "pipeline.sweep_alphas=[0.1]",
+         "pipeline.sweep_validation_users=8"]
+# A second round (beyond the paper): rollouts with round 1's ULRec policy, rows of both rounds, KTO again.
+ROUNDS = ["pipeline.rounds=2"]
+
+
 @pytest.mark.slow
 def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_ray_session):
-    args = ["run", *TINY_RUN, f"run.root={tmp_path}"]
+    import pyarrow.parquet as pq
+
+    args = ["run", *TINY_RUN, *SWEEP, *ROUNDS, f"run.root={tmp_path}"]
     assert main(args) == 0
     first = capsys.readouterr().out
     run_dir = tmp_path / "e2e"
     for rel in STAGE_OUTPUTS:
         assert (run_dir / rel).exists(), rel
+
+    # The sweep: every cell scored on held-out train users, on the train simulator, never on test.
+    sweep = json.loads((run_dir / "sweep/results.json").read_text())
+    assert [c["beta"] for c in sweep["cells"]] == [0.01, 0.5] and (run_dir / "sweep/heatmap.png").is_file()
+    assert sweep["pick"] == max(sweep["cells"], key=lambda c: (c["len_mean"], c["reward_mean"]))
+    rollout_users = set(pq.read_table(run_dir / "rollouts/train", columns=["user_id"]).column(0).to_pylist())
+    for cell in sweep["cells"]:
+        episodes = pq.read_table(run_dir / "sweep/eval" / cell["name"] / "episodes", columns=["user_id", "split"])
+        assert set(episodes.column("split").to_pylist()) == {"train"}
+        assert not set(episodes.column("user_id").to_pylist()) & rollout_users
+        assert len(set(episodes.column("user_id").to_pylist())) == 8
+    assert f"pick: beta {sweep['pick']['beta']:g}" in first
+    # stage 2 is the pick's checkpoint (adopted, not trained again)
+    assert "== KTO (ULRec)\n   skipped" in first
+    assert f"β {sweep['pick']['beta']:g}" in (run_dir / "report.md").read_text()
+
+    # Round 2: collected by round 1's ULRec policy, trained from it, evaluated like the others.
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2] and all(0 <= r["len_mean"] <= 6 for r in rounds)
+    round2 = pq.read_table(run_dir / "rollouts/train_round2", columns=["policy"]).column(0).to_pylist()
+    assert set(round2) == {"kto"}  # round 1's ULRec checkpoint collected them
+    assert (run_dir / "checkpoints/kto_round2/config.json").is_file()
+    assert "## Iterative rounds" in (run_dir / "report.md").read_text()
 
     # The table is printed and the report carries the paper's Table 1 shape.
     cell = r"[0-9.]+ ± [0-9.]+"

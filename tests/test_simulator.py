@@ -354,3 +354,20 @@ def test_batched_env_matches_per_user_loop(scenario):
         finished = trace.reasons and trace.reasons[-1] != "stay"
         assert bool(env.done[k]) == bool(finished)
         assert env.exit_reasons[k] == (trace.reasons[-1] if finished else "")
+
+
+def test_nearest_neighbour_distances_and_threshold():
+    """τ_d as a quantile of each item's distance to its closest other item (near-duplicates)."""
+    from ulrec.config import EnvConfigSection
+    from ulrec.simulator.calibration import nearest_neighbour_distances, resolve_distance_threshold
+    from ulrec.simulator.user_models import MatrixUserModel
+
+    # items on a line at 0, 1, 3, 7, 15: nearest neighbours 1, 1, 2, 4, 8
+    vectors = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]], dtype=np.float32)
+    model = MatrixUserModel(rewards=np.ones((2, 5), dtype=np.float32), item_vectors=vectors)
+    np.testing.assert_allclose(nearest_neighbour_distances(model, max_pairs=100), [1, 1, 2, 4, 8])
+    section = EnvConfigSection(distance_quantile=0.5, distance_reference="nearest_neighbour")
+    threshold, _ = resolve_distance_threshold(model, section)
+    assert threshold == pytest.approx(2.0)
+    pairs = EnvConfigSection(distance_quantile=0.5, distance_reference="pairs")
+    assert resolve_distance_threshold(model, pairs)[0] > threshold  # pair distances run larger

@@ -183,3 +183,74 @@ def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches(
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     # Random batches of 8 from 0..100 spread ~78 on average; grouped ones far less.
     assert spread < 25
+
+
+LORA = ["sft.lora.enabled=true", "kto.lora.enabled=true", "sft.lora.r=4", "kto.lora.r=4",
+        "sft.lora.target_modules=[q_proj,v_proj,down_proj]", "kto.lora.target_modules=[q_proj,v_proj,down_proj]"]
+
+
+@pytest.mark.slow
+def test_lora_sft_then_kto_on_two_workers_emits_merged_models(tmp_path, ray_session):
+    """LoRA in both stages under Ray Train with 2 CPU workers (DDP, gloo): each stage's output is a
+    full HF directory (adapter merged), stage 2 starts from it and moves away from it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.stages import kto_stage, sft_stage
+
+    two = ["sft.scaling.num_workers=2", "sft.scaling.cpus_per_worker=1",
+           "kto.scaling.num_workers=2", "kto.scaling.cpus_per_worker=1"]
+    cfg = make_run(tmp_path, *LORA, *two)
+    base = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "model" / "base")
+    sft = sft_stage(cfg)
+    kto = kto_stage(cfg)
+    weights = {}
+    for name, out in [("sft", Path(sft["output"])), ("kto", Path(kto["output"]))]:
+        assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert set(model.state_dict()) == set(base.state_dict())  # a plain model, no lora_ weights
+        weights[name] = model.state_dict()
+    changed = lambda a, b: [k for k in a if not torch.equal(a[k], b[k])]  # noqa: E731
+    moved_by_sft = changed(weights["sft"], base.state_dict())
+    # only the adapted projections change (merged), the rest of the model is untouched
+    assert moved_by_sft and all(k.split(".")[-2] in {"q_proj", "v_proj", "down_proj"} for k in moved_by_sft)
+    assert changed(weights["kto"], weights["sft"])
+    records = read_jsonl(Path(kto["output"]) / "metrics.jsonl")
+    assert {"rewards/chosen", "logratio/chosen", "sft_loss"} <= set().union(*records)
+
+
+def test_bad_lora_target_is_one_line_before_any_worker_starts(tmp_path, capsys):
+    from ulrec.cli import main
+
+    cfg = make_run(tmp_path, "sft.lora.enabled=true")
+    args = [f"run.root={tmp_path}", "run.name=t", *TINY, "sft.lora.enabled=true", "sft.lora.target_modules=[qkv_proj]"]
+    capsys.readouterr()  # the tiny model's save progress
+    assert main(["train", "sft", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ulrec: error: sft.lora.target_modules: 'qkv_proj' is not a module of this model")
+    assert "\n" not in err and not (cfg.run_dir / "checkpoints" / "sft").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_settings_reach_the_trainer_and_cpu_workers_fall_back_to_ddp(tmp_path, ray_session):
+    """The sharded path of the 8B configs: the FSDP plugin settings (FSDP2, one unit per decoder
+    layer, full state dict for the final save) reach the HF trainer. accelerate shards only on
+    accelerator devices, so on 2 CPU workers the same stage trains unsharded (DDP) and says so;
+    the sharding itself, and its memory savings, need GPUs."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from train.stages import fsdp_arguments, sft_job, sft_stage
+
+    fsdp = ["sft.scaling.num_workers=2", "sft.scaling.cpus_per_worker=1", "sft.scaling.fsdp=true"]
+    cfg = make_run(tmp_path, *fsdp, "sft.epochs=1")
+    job = sft_job(cfg)
+    model = AutoModelForCausalLM.from_pretrained(job.model_path)
+    args = TrainingArguments(output_dir=str(tmp_path / "probe"), use_cpu=True, **fsdp_arguments(job, model))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT"
+    summary = sft_stage(cfg)
+    assert summary["fsdp"] is False and summary["num_workers"] == 2
+    lora_job = sft_job(make_run(tmp_path / "lora", *fsdp, "sft.lora.enabled=true"))
+    with pytest.raises(DataError, match="sft.scaling.fsdp with sft.lora.enabled is not supported"):
+        fsdp_arguments(lora_job, model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rollout.driver import run_rollout
+from rollout.driver import training_rollout
 from rollout.evaluate import evaluate_model
 from train.rows import rows_stage
 from train.stages import kto_stage
@@ -26,21 +26,11 @@ def round_model_dir(cfg: Config, r: int) -> Path:
 
 
 def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> None:
-    ro = cfg.rollout
     input_hash = section_hash(cfg, "rollout", "env", "policy", "grounding", extra=[users, str(model_dir)])
     if stage_done(out_dir, input_hash):
         return
-    summary = run_rollout(
-        cfg,
-        model_dir=str(model_dir),
-        split="train",
-        user_ids=users,
-        seeds=list(ro.seeds),
-        temperature=ro.temperature,
-        max_steps=ro.max_steps,
-        out_dir=out_dir,
-        policy_name=model_dir.name,
-    )
+    # The tuned policy itself collects (no separate collector in later rounds).
+    summary = training_rollout(cfg, model_dir, out_dir, users, policy_name=model_dir.name)
     mark_stage_done(out_dir, input_hash, summary=summary)
 
 

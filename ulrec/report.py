@@ -19,7 +19,7 @@ from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summari
 from ulrec.io import atomic_path, read_json, write_json, write_text
 from ulrec.tracking import read_metrics
 
-LLM_ORDER = ["base", "ulrec-p", "ulrec"]
+LLM_ORDER = ["collector", "base", "ulrec-p", "ulrec"]
 ABLATION_ORDER = ["base", "ulrec-p", "wo-sft", "wo-kto", "ulrec"]
 BASELINE_ORDER = ["bcq", "cql", "crr", "dqn", "sqn", "a2c", "dorl"]
 
@@ -160,7 +160,8 @@ def plot_exit_reasons(results: dict[str, dict[str, Any]], path: Path) -> Path | 
 
 TRAIN_CURVES = {
     "sft": ["loss"],
-    "kto": ["loss", "rewards/chosen", "rewards/rejected", "kl"],
+    # Log-ratios rather than TRL's rewards (= β × log-ratio): at β = 0.01 those hide the movement.
+    "kto": ["loss", "logratio/chosen", "logratio/rejected", "kl", "sft_loss"],
 }
 
 
@@ -193,8 +194,9 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path | None:
     betas = sorted({c["beta"] for c in cells})
     alphas = sorted({c["alpha"] for c in cells})
     grid = np.full((len(alphas), len(betas)), np.nan)
-    for c in cells:
-        grid[alphas.index(c["alpha"]), betas.index(c["beta"])] = c["len_mean"]
+    for c in cells:  # with learning rates / epochs in the grid too, each square shows its best cell
+        i, j = alphas.index(c["alpha"]), betas.index(c["beta"])
+        grid[i, j] = np.nanmax([grid[i, j], c["len_mean"]])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.6 * len(betas) + 2, 1.2 * len(alphas) + 1.5))
     im = ax.imshow(grid, cmap="viridis", origin="lower")
@@ -207,7 +209,8 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path | None:
             if not np.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w")
     fig.colorbar(im, ax=ax, label="Len")
-    ax.set_title("ULRec Len over the β × α grid")
+    where = "validation users, train simulator" if sweep.get("selection") else "test simulator"
+    ax.set_title(f"ULRec Len over the β × α grid\n({where})", fontsize=9)
     return _save(fig, path)
 
 
@@ -235,13 +238,24 @@ BASELINE_BUDGET_KEYS = (
 def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[str]:
     """What the numbers cost: training settings, the baselines' budget, and stage times."""
     md = ["## Budget", ""]
+    model = cfg.policy.model or (cfg.model.path if cfg.model.source == "hf" else f"model.source {cfg.model.source}")
+
+    def tuning(section: Any) -> str:
+        lora = section.lora
+        if not lora.enabled:
+            return "full fine-tuning"
+        return f"LoRA r {lora.r}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}"
+
+    md.append(f"- base model: {model}; prompt {cfg.policy.template_file or 'default template'}, "
+              f"{cfg.policy.history_length} history titles, chat template {cfg.policy.chat_template}")
     md.append(
         f"- rollouts: {cfg.rollout.num_users} training users × seeds {list(cfg.rollout.seeds)}, temperature "
         f"{cfg.rollout.temperature}, horizon {cfg.rollout.max_steps}"
     )
     md.append(
         f"- SFT: {cfg.sft.epochs:g} epoch(s), lr {cfg.sft.learning_rate:g}, batch "
-        f"{cfg.sft.per_device_batch_size * cfg.sft.gradient_accumulation_steps} × {cfg.sft.scaling.num_workers} worker(s)"
+        f"{cfg.sft.per_device_batch_size * cfg.sft.gradient_accumulation_steps} × {cfg.sft.scaling.num_workers} worker(s), "
+        f"{tuning(cfg.sft)}"
     )
     weight = cfg.kto.undesirable_weight
     rows_stats_path = run_dir / "rows" / "stats.json"
@@ -251,7 +265,7 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
             weight = f"balanced = {cfg.kto.desirable_weight * counts['positives'] / counts['negatives']:.2f}"
     md.append(
         f"- KTO: {cfg.kto.epochs:g} epoch(s), lr {cfg.kto.learning_rate:g}, β {cfg.kto.beta:g}, α {cfg.kto.alpha:g}, "
-        f"undesirable weight {weight}, title-only log-ratio {cfg.kto.mask_format_tokens}"
+        f"undesirable weight {weight}, title-only log-ratio {cfg.kto.mask_format_tokens}, {tuning(cfg.kto)}"
     )
     if any(m in results for m in BASELINE_ORDER):
         bl = cfg.baselines
@@ -325,10 +339,15 @@ def build_report(cfg: Config) -> dict[str, Any]:
         md += [f"- {k}: {v}" for k, v in sorted(rows_stats.items()) if not isinstance(v, (dict, list))]
         md.append("")
     if sweep.get("cells"):
-        md += ["## β × α sweep (paper Fig. 4)", "", "| β | α | Len | Traj Reward |", "|---|---|---|---|"]
+        where = (f"{sweep.get('validation_users')} validation users of the train simulator (never the test one)"
+                 if sweep.get("selection") else "the test simulator (an older sweep)")
+        pick = sweep.get("pick") or {}
+        md += ["## KTO sweep (paper Fig. 4)", "", f"Scored on {where}; ✓ = the pick (best Len).", "",
+               "| β | α | lr | epochs | Len | Traj Reward | |", "|---|---|---|---|---|---|---|"]
         md += [
-            f"| {c['beta']} | {c['alpha']} | {_fmt(c['len_mean'], c['len_std'])} | "
-            f"{_fmt(c['reward_mean'], c['reward_std'])} |"
+            f"| {c['beta']} | {c['alpha']} | {c.get('learning_rate', '')} | {c.get('epochs', '')} | "
+            f"{_fmt(c['len_mean'], c['len_std'])} | {_fmt(c['reward_mean'], c['reward_std'])} | "
+            f"{'✓' if pick.get('name') and c.get('name') == pick.get('name') else ''} |"
             for c in sweep["cells"]
         ]
         md.append("")

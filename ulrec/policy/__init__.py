@@ -35,9 +35,12 @@ def vllm_available() -> bool:
 
 
 def resolve_model_dir(cfg) -> Path:
-    """The policy's model directory: ``cfg.policy.model`` or the run's embedded base model."""
+    """The policy's model directory: ``cfg.policy.model``, else the ``hf`` source's directory, else
+    the run's base model (embedded, or converted from a GGUF) in ``runs/<name>/model/base``."""
     if cfg.policy.model:
         return Path(cfg.policy.model).expanduser()
+    if cfg.model.source == "hf":
+        return Path(cfg.model.path).expanduser()
     return cfg.run_dir / "model" / "base"
 
 

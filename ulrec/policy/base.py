@@ -57,14 +57,16 @@ class Policy(Protocol):
     - ``seeds[i]`` fixes request i's randomness: the same prompt, seed and settings give the same
       completion on the same backend (seeds are not comparable across backends);
     - ``temperature`` overrides the configured one for this call (0 = greedy);
-    - generation stops at EOS, at a newline, or after ``max_tokens`` tokens.
+    - generation stops at EOS, at a newline, or after ``max_tokens`` tokens (the configured
+      value, or the call's ``max_tokens``).
     """
 
     backend: str
     sampling: SamplingConfig
 
     def generate(
-        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None
+        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> list[GenerationResult]: ...
 
     def close(self) -> None: ...

@@ -33,6 +33,7 @@ from ulrec.policy.base import (
     fit_prompt,
 )
 from ulrec.policy.constrained import TitleTrie, TitleTrieLogitsProcessor
+from ulrec.prompts import ChatRenderer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -85,21 +86,24 @@ class HFPolicy:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_DTYPES[policy_cfg.dtype]).to(device)
         self._setup(model, tokenizer, SamplingConfig.from_policy_config(policy_cfg), policy_cfg.hf_batch_size,
-                    titles if policy_cfg.constrained else None)
+                    titles if policy_cfg.constrained else None, policy_cfg.chat_template, str(model_dir))
 
     @classmethod
     def from_model(
-        cls, model, tokenizer, sampling: SamplingConfig, batch_size: int = 64, titles: list[str] | None = None
+        cls, model, tokenizer, sampling: SamplingConfig, batch_size: int = 64, titles: list[str] | None = None,
+        chat_template: str = "auto",
     ) -> "HFPolicy":
         """Wrap an already loaded model (e.g. one just trained in this process); ``titles`` turns
         on constrained decoding."""
         policy = cls.__new__(cls)
-        policy._setup(model, tokenizer, sampling, batch_size, titles)
+        policy._setup(model, tokenizer, sampling, batch_size, titles, chat_template)
         return policy
 
-    def _setup(self, model, tokenizer, sampling: SamplingConfig, batch_size: int, titles: list[str] | None) -> None:
+    def _setup(self, model, tokenizer, sampling: SamplingConfig, batch_size: int, titles: list[str] | None,
+               chat_template: str = "auto", source: str = "the model") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.renderer = ChatRenderer(tokenizer, chat_template, source=source)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -114,29 +118,32 @@ class HFPolicy:
             self.sampling = replace(sampling, max_tokens=self._trie.max_len)
 
     def generate(
-        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None
+        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> list[GenerationResult]:
         check_request(prompts, seeds, temperature)
+        limit = self.sampling.max_tokens if max_tokens is None else int(max_tokens)
         if not prompts:
             return []
         seeds = self._seeds.take(len(prompts)) if seeds is None else [int(s) for s in seeds]
         temp = self.sampling.temperature if temperature is None else temperature
         ids = [
-            fit_prompt(x, self.max_model_len, self.sampling.max_tokens, self.tokenizer.bos_token_id)
-            for x in self.tokenizer(prompts)["input_ids"]
+            fit_prompt(x, self.max_model_len, limit, self.tokenizer.bos_token_id)
+            for x in self.tokenizer(self.renderer.render_all(prompts))["input_ids"]
         ]
         # Similar lengths together: less padding. Results are returned in the callers' order.
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            outs = self._generate_batch([ids[i] for i in chunk], [seeds[i] for i in chunk], temp)
+            outs = self._generate_batch([ids[i] for i in chunk], [seeds[i] for i in chunk], temp, limit)
             for i, res in zip(chunk, outs):
                 results[i] = res
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, ids: list[list[int]], seeds: list[int], temperature: float) -> list[GenerationResult]:
+    def _generate_batch(self, ids: list[list[int]], seeds: list[int], temperature: float,
+                        max_tokens: int) -> list[GenerationResult]:
         batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         prompt_len = batch["input_ids"].shape[1]
         processors = LogitsProcessorList()
@@ -151,7 +158,7 @@ class HFPolicy:
         out = self.model.generate(
             **batch,
             do_sample=False,
-            max_new_tokens=self.sampling.max_tokens,
+            max_new_tokens=max_tokens,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([StopTokenCriteria(self._stop_mask)]),
             pad_token_id=self.tokenizer.pad_token_id,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ulrec.policy.base import GenerationResult, SamplingConfig, SeedStream, check_request, cut_at_newline, fit_prompt
 from ulrec.policy.constrained import any_tokenization_max_tokens
-from ulrec.prompts import completion_text
+from ulrec.prompts import ChatRenderer, completion_text
 
 GIB = 1024**3
 
@@ -58,6 +58,7 @@ class VLLMPolicy:
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.renderer = ChatRenderer(self.tokenizer, policy_cfg.chat_template, source=str(model_dir))
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.sampling = SamplingConfig.from_policy_config(policy_cfg)
         self._seeds = SeedStream(self.sampling.seed)
@@ -67,21 +68,22 @@ class VLLMPolicy:
             longest = any_tokenization_max_tokens(titles, self.sampling.max_tokens)
             self.sampling = replace(self.sampling, max_tokens=longest)
 
-    def _params(self, seed: int, temperature: float):
+    def _params(self, seed: int, temperature: float, max_tokens: int):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         return SamplingParams(
             temperature=temperature,
             top_p=self.sampling.top_p if temperature > 0 else 1.0,
-            max_tokens=self.sampling.max_tokens,
+            max_tokens=max_tokens,
             seed=seed,
             stop=["\n"],
             structured_outputs=StructuredOutputsParams(choice=self._choice) if self._choice else None,
         )
 
     def generate(
-        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None
+        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> list[GenerationResult]:
         from vllm.inputs import TokensPrompt
 
@@ -90,16 +92,17 @@ class VLLMPolicy:
             return []
         seeds = self._seeds.take(len(prompts)) if seeds is None else [int(s) for s in seeds]
         temp = self.sampling.temperature if temperature is None else temperature
-        encoded = self.tokenizer(prompts)["input_ids"]
+        limit = self.sampling.max_tokens if max_tokens is None else int(max_tokens)
+        encoded = self.tokenizer(self.renderer.render_all(prompts))["input_ids"]
         requests = [
             TokensPrompt(
                 prompt_token_ids=fit_prompt(
-                    ids, self.max_model_len, self.sampling.max_tokens, self.tokenizer.bos_token_id
+                    ids, self.max_model_len, limit, self.tokenizer.bos_token_id
                 )
             )
             for ids in encoded
         ]
-        outputs = self.llm.generate(requests, [self._params(s, temp) for s in seeds], use_tqdm=False)
+        outputs = self.llm.generate(requests, [self._params(s, temp, limit) for s in seeds], use_tqdm=False)
         return [
             GenerationResult(text=cut_at_newline(o.outputs[0].text), num_tokens=len(o.outputs[0].token_ids))
             for o in outputs

@@ -63,7 +63,32 @@ def resolve_distance_threshold(
     distances = user_model.distance(a, b)
     if section.distance_threshold is not None:
         return float(section.distance_threshold), distances
+    if section.distance_reference == "nearest_neighbour":
+        nn = nearest_neighbour_distances(user_model, section.calibration_pairs, seed)
+        return float(np.quantile(nn, section.distance_quantile)), distances
     return float(np.quantile(distances, section.distance_quantile)), distances
+
+
+def nearest_neighbour_distances(user_model: UserModel, max_pairs: int, seed: int = 0) -> np.ndarray:
+    """Each item's distance to its closest other item, for a sample of items sized so that about
+    ``max_pairs`` × 10 distances are computed (all items on catalogues of a few thousand)."""
+    n = user_model.n_items
+    if n < 2:
+        raise InputError(f"need at least 2 items to measure distances (got n_items={n})")
+    rng = np.random.default_rng(seed)
+    n_query = min(n, max(1, (10 * max_pairs) // n))
+    queries = np.sort(rng.choice(n, n_query, replace=False)) if n_query < n else np.arange(n)
+    others = np.arange(n)
+    nearest = np.empty(len(queries), dtype=np.float64)
+    rows_per_chunk = max(1, 2_000_000 // n)
+    for start in range(0, len(queries), rows_per_chunk):
+        chunk = queries[start : start + rows_per_chunk]
+        a = np.repeat(chunk, n)
+        b = np.tile(others, len(chunk))
+        d = user_model.distance(a, b).reshape(len(chunk), n).astype(np.float64)
+        d[np.arange(len(chunk)), chunk] = np.inf  # not its own neighbour
+        nearest[start : start + len(chunk)] = d.min(axis=1)
+    return nearest
 
 
 def calibrate(
@@ -95,6 +120,7 @@ def calibrate(
         "distance_threshold": threshold,
         "source": "absolute" if absolute else "quantile",
         "quantile": None if absolute else section.distance_quantile,
+        "reference": None if absolute else section.distance_reference,
         "share_of_pairs_below": float(np.mean(distances < threshold)),
         "distance_percentiles": {
             f"p{q}": float(np.percentile(distances, q)) for q in (1, 5, 25, 50, 75, 95, 99)

@@ -169,7 +169,9 @@ def env_config_for(cfg: Config, split: str, *, max_steps: int | None = None) -> 
         if not cal_path.is_file():
             raise DataError(f"{cal_path}: file not found (run `ulrec env fit` first)")
         stored = read_json(cal_path).get(split, {}).get("calibration", {})
-        if stored.get("source") == "quantile" and stored.get("quantile") == section.distance_quantile:
+        same_rule = (stored.get("quantile") == section.distance_quantile
+                     and stored.get("reference", "pairs") == section.distance_reference)
+        if stored.get("source") == "quantile" and same_rule:
             threshold = float(stored["distance_threshold"])
         else:
             threshold, _ = resolve_distance_threshold(load_simulator(cfg, split), section, seed=cfg.run.seed)
