@@ -35,9 +35,11 @@ def add_cpu_node(c: Cluster):
     return c.add_node(num_cpus=2, object_store_memory=NODE_MEMORY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster():
-    """A head with no CPUs for tasks (as in cluster.yaml), two GPU nodes, one CPU node."""
+    """A head with no CPUs for tasks (as in cluster.yaml), two GPU nodes, one CPU node; a fresh one
+    per test, because a test that removes a node (or leaves Serve actors behind) changes what the
+    next one can place (a shared cluster once left a replica unplaceable for 180 s)."""
     register_by_value()
     # conftest hides GPUs (CUDA_VISIBLE_DEVICES=""), and Ray refuses to declare GPUs then; the
     # declared GPUs are never used (no CUDA here: torch stays on the CPU).
