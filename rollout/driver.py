@@ -32,6 +32,7 @@ from rollout.episode import EpisodeLabels, RolloutSummary
 from rollout.ray_utils import init_ray, wait_until_alive
 from rollout.replica import PolicyReplica, TitleGrounder
 from rollout.shard import EpisodeSpec, ShardReport, UserShard
+from ulrec.checks import check_model_dir
 from ulrec.config import Config, section_hash
 from ulrec.errors import DataError, InputError, UlrecError
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done
@@ -85,8 +86,8 @@ def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, coll
     from ulrec.simulator.fit import env_config_for, simulator_path
     from ulrec.simulator.user_models import META_FILE
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputError(f"model_dir {model_dir} has no config.json (run `ulrec model init` or set policy.model)")
+    # Before any actor starts: a bad directory is one line here, not a dead replica later.
+    check_model_dir(model_dir, "policy model directory")
     # Checked here so that a missing input is a one-line error, not an actor's failed start.
     if not (simulator_path(cfg, split) / META_FILE).is_file():
         raise DataError(f"{simulator_path(cfg, split)}: no saved simulator (run `ulrec env fit` first)")
@@ -422,9 +423,10 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
     ro = cfg.rollout
     out_dir = cfg.run_dir / "rollouts" / ro.split
     model_dir = collector_model_dir(cfg)
-    if not (model_dir / "config.json").is_file():
+    if not model_dir.exists():
         what = "rollout.collector.model" if ro.collector.model else "policy model"
         raise UlrecError(f"no {what} at {model_dir} (run `ulrec model init`, or set policy.model / rollout.collector.model)")
+    check_model_dir(model_dir, "rollout.collector.model" if ro.collector.model else "policy model directory")
     input_hash = section_hash(
         cfg, *STAGE_SECTIONS, extra=[cfg.run.seed, prepared_hash(cfg.run_dir), model_fingerprint(model_dir)]
     )

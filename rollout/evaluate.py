@@ -56,14 +56,19 @@ def evaluate_model(
     from rollout.driver import model_fingerprint, run_rollout
     from ulrec.data import prepared_hash
 
+    from ulrec.checks import check_model_dir
+    from ulrec.simulator.fit import simulator_fingerprint
+
     if not (model_dir / "config.json").is_file():
         raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
+    check_model_dir(model_dir, f"{method} model")
     method_dir = (out_root or cfg.run_dir / "eval") / method
     collector = cfg.rollout.collector if method == "collector" else None
+    # The simulator is an input too: a refit (or deleted) simulator never serves cached results.
     input_hash = section_hash(
         cfg, "eval", "env", "policy", "grounding",
         extra=[users, prepared_hash(cfg.run_dir), model_fingerprint(model_dir),
-               collector.model_dump() if collector else None, split],
+               collector.model_dump() if collector else None, split, simulator_fingerprint(cfg, split)],
     )
     if stage_done(method_dir, input_hash):
         return read_json(method_dir / "summary.json")

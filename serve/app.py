@@ -39,6 +39,7 @@ from serve.recommender import (
     Recommender,
     ThreadedGrounding,
 )
+from ulrec.checks import check_model_dir
 from ulrec.config import Config
 from ulrec.errors import InputError
 from ulrec.grounding import GroundResult
@@ -53,10 +54,10 @@ HEALTH_TIMEOUT_S = 5.0
 def checkpoint_dir(cfg: Config) -> Path:
     """The model directory to serve: ``serve.checkpoint``, else ``<run>/checkpoints/kto``."""
     path = Path(cfg.serve.checkpoint).expanduser() if cfg.serve.checkpoint else cfg.run_dir / "checkpoints" / "kto"
-    if not (path / "config.json").is_file():
-        raise InputError(f"serve.checkpoint: {path} is not a model directory (no config.json; run training first "
-                         "or pass --checkpoint)")
-    return path
+    if not path.exists():
+        raise InputError(f"serve.checkpoint: {path} does not exist (run training first or pass --checkpoint)")
+    # Before Serve starts: a bad directory is one line, not a replica that dies after 30 s.
+    return check_model_dir(path, "serve.checkpoint")
 
 
 def group_by_temperature(requests: list[GenerationRequest]) -> dict[float, list[int]]:

