@@ -5,9 +5,10 @@ Built by :func:`create_api` around a *backend* (anything with ``recommend(query)
 local :class:`~serve.recommender.Recommender`. Input safety lives here:
 
 - an ASGI guard in front of the app (:class:`GuardMiddleware`): load shedding (503) and a
-  per-client cap (429), both with Retry-After (:mod:`serve.limits`); on ``/v1/`` routes bearer
-  token (401), body size (413, counted while streaming, not trusted from Content-Length), JSON
-  content type (415) and a deadline for the whole body (408); a deadline for the answer (503);
+  per-client cap (429), both with Retry-After (:mod:`serve.limits`); bearer token (401) on every
+  path but ``/healthz`` (the docs and the OpenAPI schema included); on ``/v1/`` routes body size
+  (413, counted while streaming, not trusted from Content-Length), JSON content type (415) and a
+  deadline for the whole body (408); a deadline for the answer (503);
 - the pydantic request schema (:mod:`serve.schema`): 422 naming the field;
 - exception handlers that never echo the input back: a failing model behind the API is a 503
   (retry later), anything unexpected a logged, opaque 500 (the fuzz tests assert no input
@@ -83,10 +84,11 @@ class GuardMiddleware:
     1. ``/healthz`` passes straight through: no token, never shed (:mod:`serve.limits`).
     2. Admission (:class:`~serve.limits.AdmissionControl`): 503 when the replica is at
        ``max_inflight``, 429 when this client is at ``max_per_client``; both with Retry-After.
-    3. On ``/v1/`` routes: bearer token (401), Content-Length (400, 413 when declared too
-       large), JSON content type (415), then the body is read in full, counted while it streams (413) and within
+    3. Bearer token (401) on every other path (the API, its docs and schema, unknown paths).
+    4. On ``/v1/`` routes: Content-Length (400, 413 when declared too large), JSON content type
+       (415), then the body is read in full, counted while it streams (413) and within
        ``body_timeout_s`` (408), before the app sees it.
-    4. The app must start its answer within ``request_timeout_s``, else 503 with Retry-After.
+    5. The app must start its answer within ``request_timeout_s``, else 503 with Retry-After.
 
     Every rejection here closes the connection (``connection: close``): its body may be unread.
     """
@@ -119,11 +121,11 @@ class GuardMiddleware:
         headers: dict[bytes, bytes] = {}
         for key, value in scope.get("headers", []):
             headers.setdefault(key.lower(), value)
-        if not scope.get("path", "").startswith(self.prefix):
-            await self._call_app(scope, receive, send)
-            return
         if self.token is not None and not self._authorized(headers.get(b"authorization", b"")):
             await self._reject(send, 401, "missing or invalid bearer token", [(b"www-authenticate", b"Bearer")])
+            return
+        if not scope.get("path", "").startswith(self.prefix):
+            await self._call_app(scope, receive, send)
             return
         declared = headers.get(b"content-length")
         if declared is not None:
