@@ -130,6 +130,10 @@ def main() -> int:
         from ulrec.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if not any(o.split("=", 1)[0].strip() == "serve.max_requests_per_client" for o in args.overrides):
+            # All simulated clients share 127.0.0.1, which the per-client cap (serve/limits.py)
+            # sees as one client: lift it to the client count for this server.
+            cfg.serve.max_requests_per_client = min(args.clients, cfg.serve.max_inflight_requests)
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         require_loopback(url)
         t0 = time.perf_counter()
@@ -158,6 +162,9 @@ def main() -> int:
     print(f"serve_load: {result['ok']}/{result['requests']} ok from {args.clients} clients in {result['wall_s']}s: "
           f"{result['throughput_rps']} req/s, latency p50 {lat['p50']} ms, p99 {lat['p99']} ms; "
           f"statuses {result['statuses']}")
+    if "429" in result["statuses"]:
+        print("serve_load: 429s come from the server's per-client cap (serve.max_requests_per_client): every "
+              "client here shares one address; raise the cap on that server to measure throughput", file=sys.stderr)
     print(json.dumps(result, sort_keys=True))
     return 1 if result["server_errors"] or result["transport_errors"] else 0
 

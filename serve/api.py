@@ -4,18 +4,22 @@ Built by :func:`create_api` around a *backend* (anything with ``recommend(query)
 ``ready()``): in Ray Serve the backend is a handle to the policy deployment; in tests it is a
 local :class:`~serve.recommender.Recommender`. Input safety lives here:
 
-- an ASGI guard in front of the app: bearer token (401), body size (413, counted while streaming,
-  not trusted from Content-Length), JSON content type (415) on ``/v1/`` routes;
+- an ASGI guard in front of the app (:class:`GuardMiddleware`): load shedding (503) and a
+  per-client cap (429), both with Retry-After (:mod:`serve.limits`); bearer token (401) on every
+  path but ``/healthz`` (the docs and the OpenAPI schema included); on ``/v1/`` routes body size
+  (413, counted while streaming, not trusted from Content-Length), JSON content type (415) and a
+  deadline for the whole body (408); a deadline for the answer (503);
 - the pydantic request schema (:mod:`serve.schema`): 422 naming the field;
 - exception handlers that never echo the input back: a failing model behind the API is a 503
   (retry later), anything unexpected a logged, opaque 500 (the fuzz tests assert no input
   reaches either).
 
-``/healthz`` needs no token, so load balancers can probe it.
+``/healthz`` needs no token and is never shed, so load balancers can probe it.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the per-app request model in
 # recommend()'s signature as a class, not as a string it cannot resolve.
+import asyncio
 import hmac
 import logging
 import os
@@ -28,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.catalogue import Catalogue
+from serve.limits import AdmissionControl, IngressLimits, client_key
 from serve.recommender import Query, Recommendation, RecommendationError, SessionItem
 from serve.schema import ErrorResponse, RecommendResponse, RequestLimits, request_model
 
@@ -54,7 +59,10 @@ def resolve_token(serve_cfg) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- guard
-def _json_message(status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] = ()) -> tuple[Message, Message]:
+Headers = list[tuple[bytes, bytes]]
+
+
+def _json_message(status: int, body: dict[str, Any], extra_headers: Headers = ()) -> tuple[Message, Message]:
     payload = ErrorResponse(**body).model_dump_json(exclude_none=True).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *extra_headers]
     return (
@@ -63,25 +71,61 @@ def _json_message(status: int, body: dict[str, Any], extra_headers: list[tuple[b
     )
 
 
-class GuardMiddleware:
-    """Auth, body-size and content-type checks before the app reads anything (pure ASGI, so the
-    body limit holds for streamed bodies of unknown length)."""
+class _BodyRejected(Exception):
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, token: str | None, prefix: str = "/v1/") -> None:
+
+class GuardMiddleware:
+    """Everything decided before the app runs (pure ASGI, in front of FastAPI):
+
+    1. ``/healthz`` passes straight through: no token, never shed (:mod:`serve.limits`).
+    2. Admission (:class:`~serve.limits.AdmissionControl`): 503 when the replica is at
+       ``max_inflight``, 429 when this client is at ``max_per_client``; both with Retry-After.
+    3. Bearer token (401) on every other path (the API, its docs and schema, unknown paths).
+    4. On ``/v1/`` routes: Content-Length (400, 413 when declared too large), JSON content type
+       (415), then the body is read in full, counted while it streams (413) and within
+       ``body_timeout_s`` (408), before the app sees it.
+    5. The app must start its answer within ``request_timeout_s``, else 503 with Retry-After.
+
+    Every rejection here closes the connection (``connection: close``): its body may be unread.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, limits: IngressLimits, token: str | None,
+                 prefix: str = "/v1/", open_paths: tuple[str, ...] = ("/healthz",)) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.admission = AdmissionControl(limits)
         self.token = token.encode() if token else None
         self.prefix = prefix
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith(self.prefix):
+        if scope["type"] != "http" or scope.get("path", "") in self.open_paths:
             await self.app(scope, receive, send)
             return
+        client = client_key(scope.get("client"))
+        rejection = self.admission.admit(client)
+        if rejection is not None:
+            await self._reject(send, rejection.status, rejection.error, retry_after_s=rejection.retry_after_s)
+            return
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self.admission.release(client)
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = {}
         for key, value in scope.get("headers", []):
             headers.setdefault(key.lower(), value)
         if self.token is not None and not self._authorized(headers.get(b"authorization", b"")):
             await self._reject(send, 401, "missing or invalid bearer token", [(b"www-authenticate", b"Bearer")])
+            return
+        if not scope.get("path", "").startswith(self.prefix):
+            await self._call_app(scope, receive, send)
             return
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -94,47 +138,84 @@ class GuardMiddleware:
         if scope.get("method") == "POST" and not _is_json(headers.get(b"content-type", b"")):
             await self._reject(send, 415, "Content-Type must be application/json")
             return
-        await self._call_counting(scope, receive, send)
+        try:
+            body = await self._read_body(receive)
+        except _BodyRejected as exc:
+            await self._reject(send, exc.status, exc.error)
+            return
+        if body is None:  # the client went away: nobody to answer
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            # The buffered body once, then the client's own messages (a disconnect, if it leaves).
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self._call_app(scope, replay, send)
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, credentials = header.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token)
 
-    async def _call_counting(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None when the client disconnected. Raises :class:`_BodyRejected`:
+        413 once it passes ``max_body_bytes`` (counted, not trusted from Content-Length), 408 when
+        it has not all arrived ``body_timeout_s`` after the first read."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
+        chunks: list[bytes] = []
         received = 0
-        too_large = False
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise _BodyRejected(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
+            if message["type"] == "http.disconnect":
+                return None
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_body_bytes:
+                raise _BodyRejected(413, f"body larger than {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        async def counting_receive() -> Message:
-            nonlocal received, too_large
-            if too_large:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    # Stop reading: the app sees a disconnect and its reply is replaced below.
-                    too_large = True
-                    return {"type": "http.disconnect"}
-            return message
+    async def _call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
 
-        replaced = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal replaced
-            if too_large:
-                if not replaced:
-                    replaced = True
-                    await self._reject(send, 413, f"body larger than {self.max_body_bytes} bytes")
-                return
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
             await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
-        if too_large and not replaced:
-            await self._reject(send, 413, f"body larger than {self.max_body_bytes} bytes")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            await asyncio.wait_for(self.app(scope, receive, tracking_send), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            # Only this deadline's own expiry, before any answer started, is replaced by a 503 (a
+            # started answer cannot be; a TimeoutError raised by the app itself propagates).
+            if started or loop.time() - began < self.limits.request_timeout_s:
+                raise
+            logger.warning("%s %s not answered within %.3g s", scope.get("method"), scope.get("path"),
+                           self.limits.request_timeout_s)
+            await self._reject(send, 503, f"not answered within {self.limits.request_timeout_s:g} s; retry later",
+                               retry_after_s=self.limits.retry_after_s)
 
     @staticmethod
-    async def _reject(send: Send, status: int, error: str, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
-        start, body = _json_message(status, {"error": error}, extra_headers)
+    async def _reject(send: Send, status: int, error: str, extra_headers: Headers = (), *,
+                      retry_after_s: int | None = None) -> None:
+        headers = [*extra_headers, (b"connection", b"close")]
+        if retry_after_s is not None:
+            headers.append((b"retry-after", str(retry_after_s).encode()))
+        start, body = _json_message(status, {"error": error}, headers)
         await send(start)
         await send(body)
 
@@ -179,10 +260,6 @@ async def _recommendation_error(_: Request, exc: RecommendationError) -> JSONRes
     return JSONResponse(status_code=422, content=body.model_dump(exclude_none=True))
 
 
-async def _unavailable(_: Request, exc: BackendUnavailable) -> JSONResponse:
-    return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"retry-after": "1"})
-
-
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(status_code=500, content={"error": "internal error"})
@@ -205,8 +282,14 @@ def to_query(body: Any, catalogue: Catalogue) -> Query:
 def create_api(backend: Backend, catalogue: Catalogue, serve_cfg, *, token: str | None) -> FastAPI:
     """The FastAPI app serving ``backend`` over ``catalogue`` with ``serve_cfg``'s limits."""
     RecommendRequest = request_model(RequestLimits.from_config(serve_cfg, len(catalogue)))
+    limits = IngressLimits.from_config(serve_cfg)
     app = FastAPI(title="ULRec recommender", version="1")
-    app.add_middleware(GuardMiddleware, max_body_bytes=serve_cfg.max_body_bytes, token=token)
+    app.add_middleware(GuardMiddleware, max_body_bytes=serve_cfg.max_body_bytes, limits=limits, token=token)
+
+    async def _unavailable(_: Request, exc: BackendUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"error": str(exc)},
+                            headers={"retry-after": str(limits.retry_after_s)})
+
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RecommendationError, _recommendation_error)
@@ -216,8 +299,7 @@ def create_api(backend: Backend, catalogue: Catalogue, serve_cfg, *, token: str 
     @app.post(
         "/v1/recommend",
         response_model=RecommendResponse,
-        responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
-                   422: {"model": ErrorResponse}},
+        responses={status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 429, 503)},
     )
     async def recommend(body: RecommendRequest) -> dict:  # type: ignore[valid-type]
         """Recommend ``k`` items the session has not seen yet (see serve/recommender.py)."""

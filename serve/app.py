@@ -2,8 +2,11 @@
 
 Two deployments:
 
-- ``ULRecIngress`` (FastAPI, :mod:`serve.api`): validation, auth, body limits, id ↔ title lookup.
-  Light; ``serve.ingress_replicas`` copies.
+- ``ULRecIngress`` (FastAPI, :mod:`serve.api`): validation, auth, body limits, id ↔ title lookup,
+  and the slow-client limits of :mod:`serve.limits` (shedding, per-client cap, deadlines).
+  Light; ``serve.ingress_replicas`` copies. Serve's HTTP proxy in front of it gets its request
+  timeout and keep-alive from the config (:func:`serve.limits.proxy_http_options`), and queues at
+  most ``serve.ingress_max_queued_requests`` requests for it (then 503 with Retry-After).
 - ``ULRecPolicy``: the model (``ulrec.policy``, vLLM or HF backend) and grounding. Concurrent
   requests' generate calls are merged by ``@serve.batch`` (``serve.max_batch_size``,
   ``serve.batch_wait_timeout_s``) into one ``policy.generate`` per batch and temperature, and
@@ -27,10 +30,12 @@ from pathlib import Path
 
 import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from serve.api import BackendUnavailable, create_api, resolve_token
 from serve.catalogue import Catalogue, catalogue_path
+from serve.limits import proxy_http_options
 from serve.recommender import (
     GenerationRequest,
     Query,
@@ -218,6 +223,18 @@ def _policy_options(cfg: Config) -> dict:
     return options
 
 
+def _ingress_options(cfg: Config) -> dict:
+    s = cfg.serve
+    return {
+        "num_replicas": s.ingress_replicas,
+        "max_ongoing_requests": s.ingress_max_ongoing_requests,
+        # Beyond this many requests queued at the proxy for a busy ingress, Serve answers 503 itself.
+        "max_queued_requests": s.ingress_max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
+        "ray_actor_options": {"num_cpus": s.ingress_num_cpus},
+    }
+
+
 def build_app(cfg: Config):
     """The bound Serve application for ``cfg`` (checkpoint and catalogue are checked here, so a
     bad path fails before any replica starts)."""
@@ -227,11 +244,9 @@ def build_app(cfg: Config):
     policy = PolicyDeployment.options(**_policy_options(cfg)).bind(
         cfg.model_dump(mode="json"), str(model_dir.resolve()), str(catalogue_file.resolve())
     )
-    return Ingress.options(
-        num_replicas=cfg.serve.ingress_replicas,
-        max_ongoing_requests=cfg.serve.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.serve.ingress_num_cpus},
-    ).bind(policy, str(catalogue_file.resolve()), cfg.serve.model_dump(mode="json"), resolve_token(cfg.serve))
+    return Ingress.options(**_ingress_options(cfg)).bind(
+        policy, str(catalogue_file.resolve()), cfg.serve.model_dump(mode="json"), resolve_token(cfg.serve)
+    )
 
 
 def start(cfg: Config) -> DeploymentHandle:
@@ -241,7 +256,7 @@ def start(cfg: Config) -> DeploymentHandle:
 
     app = build_app(cfg)
     init_ray(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=proxy_http_options(cfg.serve))
     return serve.run(app, name=APP_NAME, route_prefix="/")
 
 

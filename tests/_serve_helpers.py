@@ -176,3 +176,84 @@ def build_tiny_model(out_dir: Path, titles: list[str]) -> Path:
     LlamaForCausalLM(config).save_pretrained(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+# ------------------------------------------------------------------------------- raw slow clients
+class RawConnections:
+    """Many raw TCP connections to one server, read without blocking: for clients that stall
+    (headers, then part of the declared body, then nothing) or never send a byte. Records, per
+    connection, when it was opened, what came back (the status line) and when the server closed it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import selectors
+
+        self.addr = (host, port)
+        self.selector = selectors.DefaultSelector()
+        self.conns: list[dict] = []
+
+    def open(self, n: int, source: str, payload: bytes = b"") -> list[dict]:
+        """``n`` connections from the loopback address ``source`` (each a distinct client to the
+        server), each sending ``payload`` and then keeping the socket open."""
+        import selectors
+        import socket
+        import time
+
+        opened = []
+        for _ in range(n):
+            sock = socket.create_connection(self.addr, timeout=10, source_address=(source, 0))
+            if payload:
+                sock.sendall(payload)
+            sock.setblocking(False)
+            conn = {"sock": sock, "source": source, "sent_at": time.monotonic(), "data": b"", "replied_at": None,
+                    "closed_at": None}
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+            self.conns.append(conn)
+            opened.append(conn)
+        return opened
+
+    def poll(self, seconds: float, until=None) -> None:
+        """Read whatever arrives for ``seconds`` (or until ``until()`` is true)."""
+        import time
+
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not (until and until()):
+            if not self.selector.get_map():
+                time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+                continue
+            for key, _ in self.selector.select(timeout=min(0.05, max(end - time.monotonic(), 0))):
+                conn = key.data
+                try:
+                    chunk = conn["sock"].recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:  # reset by the server: closed
+                    chunk = b""
+                now = time.monotonic()
+                if chunk:
+                    conn["data"] += chunk
+                    conn["replied_at"] = conn["replied_at"] or now
+                else:
+                    conn["closed_at"] = now
+                    self.selector.unregister(conn["sock"])
+
+    @staticmethod
+    def status(conn: dict) -> int | None:
+        line = conn["data"].split(b"\r\n", 1)[0].split()
+        return int(line[1]) if len(line) >= 2 and line[1].isdigit() else None
+
+    @staticmethod
+    def header(conn: dict, name: str) -> str | None:
+        head = conn["data"].split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+        for line in head:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode()
+        return None
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn["closed_at"] is None:
+                self.selector.unregister(conn["sock"])
+            conn["sock"].close()
+        self.conns.clear()
+        self.selector.close()

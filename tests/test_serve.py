@@ -306,6 +306,23 @@ def test_bearer_token(monkeypatch):
     assert resolve_token(cfg.serve) is None
 
 
+DOC_PATHS = ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"]
+
+
+def test_docs_and_schema_need_the_token_when_auth_is_on():
+    client, _ = make_client(token="s3cret")
+    for path in DOC_PATHS:
+        resp = client.get(path)
+        assert resp.status_code == 401, path
+        assert resp.headers["www-authenticate"] == "Bearer" and "openapi" not in resp.text.lower()
+        assert client.get(path, headers={"authorization": "Bearer wrong"}).status_code == 401, path
+        assert client.get(path, headers={"authorization": "Bearer s3cret"}).status_code == 200, path
+    assert client.get("/no/such/path").status_code == 401  # default deny: nothing is probed without the token
+    assert client.get("/healthz").status_code == 200
+    open_client, _ = make_client(token=None)
+    assert all(open_client.get(path).status_code == 200 for path in DOC_PATHS)
+
+
 def test_unexpected_errors_are_logged_opaque_500(caplog):
     class Broken:
         titles = TITLES

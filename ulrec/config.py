@@ -479,7 +479,40 @@ class ServeConfig(Section):
     # The HTTP ingress is light (validation, id lookup); it reserves a sliver of a CPU.
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0)
-    ingress_max_ongoing_requests: int = Field(default=512, ge=1)
+    # Requests Serve hands one ingress replica at once (each holds a slot until answered,
+    # including while its client is still sending the body). Must exceed max_inflight_requests.
+    ingress_max_ongoing_requests: int = Field(default=512, ge=2)
+    # Slow and hostile clients (see serve/limits.py and the README's "What the endpoint
+    # guarantees"). All limits hold per ingress replica.
+    # Load shedding: requests (all but /healthz) one ingress replica works on at once; the next is
+    # a 503 with Retry-After at once. Kept below ingress_max_ongoing_requests so the slots between
+    # the two stay free for /healthz and for the rejections themselves: /healthz answers while the
+    # replica is saturated.
+    max_inflight_requests: int = Field(default=448, ge=1)
+    # Concurrent requests from one client address (429 with Retry-After above it), so one client
+    # cannot fill max_inflight_requests alone. Behind a load balancer every request has the
+    # balancer's address: raise it to max_inflight_requests there.
+    max_requests_per_client: int = Field(default=32, ge=1)
+    # The whole body must arrive within this many seconds of the ingress starting to read it, else
+    # 408 and the connection is closed: a client that declares more bytes than it sends (or
+    # trickles them) holds a slot this long at most. Bodies are at most max_body_bytes.
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600, allow_inf_nan=False)
+    # A request whose body arrived must be answered within this, else 503 with Retry-After (a hung
+    # or overloaded model cannot hold slots forever). Serve's proxy gets body_timeout_s +
+    # request_timeout_s + 5 s as its own end-to-end timeout (408), which also bounds requests it
+    # queues for a busy ingress.
+    request_timeout_s: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
+    # Serve's proxy (uvicorn) closes a keep-alive connection idle this long between requests
+    # (Ray's default is 90 s; each idle connection costs a socket). Behind a load balancer, set it
+    # above the balancer's idle timeout. An integer: uvicorn takes whole seconds. (uvicorn starts
+    # this timer only after a response: a connection that never completes a request is not closed
+    # by it; such a connection holds no ingress slot.)
+    keep_alive_timeout_s: int = Field(default=5, ge=1, le=3600)
+    # Requests Serve's proxy queues for a busy ingress before answering 503 (with Retry-After)
+    # itself, instead of queueing without bound.
+    ingress_max_queued_requests: int = Field(default=512, ge=1, le=1_000_000)
+    # Retry-After (seconds) on 429 and 503 answers.
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
     # Dynamic batching of generate (and grounding) calls inside a policy replica (@serve.batch).
     # The wait lets requests that arrived while the engine held the GIL join the next batch: on
     # a busy 2-core machine, 200 concurrent requests ran 1.3-1.5x faster with 50 ms than with
@@ -503,6 +536,20 @@ class ServeConfig(Section):
     def _replica_range(self) -> "ServeConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    @model_validator(mode="after")
+    def _ingress_limits(self) -> "ServeConfig":
+        if self.max_inflight_requests >= self.ingress_max_ongoing_requests:
+            raise ValueError(
+                f"max_inflight_requests ({self.max_inflight_requests}) must be below ingress_max_ongoing_requests "
+                f"({self.ingress_max_ongoing_requests}): the difference is kept free for /healthz"
+            )
+        if self.max_requests_per_client > self.max_inflight_requests:
+            raise ValueError(
+                f"max_requests_per_client ({self.max_requests_per_client}) must not exceed max_inflight_requests "
+                f"({self.max_inflight_requests})"
+            )
         return self
 
 
