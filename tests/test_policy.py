@@ -8,7 +8,7 @@ import pytest
 
 from _llm_helpers import tiny_config, write_tiny_data
 from ulrec.config import load_config
-from ulrec.errors import InputError
+from ulrec.errors import DataError, InputError
 from ulrec.model_init import build_base_model, make_warm_start_examples, read_catalogue_and_histories
 from ulrec.policy import SamplingConfig, make_policy, resolve_model_dir, vllm_available
 from ulrec.policy.base import SeedStream, cut_at_newline, fit_prompt
@@ -52,7 +52,7 @@ def test_seed_stream_and_sampling_config():
 
 def test_make_policy_bad_inputs(tmp_path, tiny_run):
     cfg, _, _ = tiny_run
-    with pytest.raises(InputError, match="config.json"):
+    with pytest.raises(DataError, match="config.json"):
         make_policy(policy_cfg(), tmp_path)
     with pytest.raises(InputError, match="titles"):
         make_policy(policy_cfg(constrained=True), resolve_model_dir(cfg))

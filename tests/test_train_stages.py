@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,10 +61,15 @@ def positives(cfg: Config) -> int:
 def test_stage_jobs_and_ablation_variants(tmp_path):
     from train.stages import kto_job, sft_job
 
-    cfg = make_run(tmp_path, "kto.alpha=0.3", "kto.beta=0.05", "kto.learning_rate=2e-4", with_model=False)
+    cfg = make_run(tmp_path, "kto.alpha=0.3", "kto.beta=0.05", "kto.learning_rate=2e-4")
     with pytest.raises(DataError, match="stage-1 checkpoint not found"):
         kto_job(cfg)
+    # A directory that is not a model is refused when the job is built, before any worker starts.
     (cfg.run_dir / "checkpoints" / "sft").mkdir(parents=True)
+    with pytest.raises(DataError, match="stage-1 checkpoint .* has no config.json"):
+        kto_job(cfg)
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "sft")
+    shutil.copytree(cfg.run_dir / "model" / "base", cfg.run_dir / "checkpoints" / "sft")
 
     sft = sft_job(cfg)
     assert (sft.kind, sft.name, Path(sft.model_path).name) == ("sft", "sft", "base")
