@@ -313,6 +313,7 @@ def serve(
 
 def main(argv: Optional[List[str]] = None) -> int:
     _defaults_env()
+    _LOADED.clear()  # a config of an earlier call (tests call main repeatedly) is not this one's
     try:
         app(args=argv, standalone_mode=False)
     except ConfigError as exc:
