@@ -91,6 +91,7 @@ def own_ray_session():
 
 # Stage 2's β chosen by `ulrec sweep` on validation users of the train simulator.
 SWEEP = ["pipeline.use_sweep_pick=true", "pipeline.sweep_betas=[0.01,0.5]", "pipeline.sweep_alphas=[0.1]",
+         "pipeline.sweep_sft_learning_rates=[1e-5,1e-3]",
          "pipeline.sweep_validation_users=8"]
 # A second round (beyond the paper): rollouts with round 1's ULRec policy, rows of both rounds, KTO again.
 ROUNDS = ["pipeline.rounds=2"]
@@ -118,6 +119,14 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
         assert not set(episodes.column("user_id").to_pylist()) & rollout_users
         assert len(set(episodes.column("user_id").to_pylist())) == 8
     assert f"pick: beta {sweep['pick']['beta']:g}" in first
+    # Stage 1 searched first (scored as ULRec-P on the same users); its pick became checkpoints/sft.
+    assert [c["learning_rate"] for c in sweep["sft_cells"]] == [1e-5, 1e-3]
+    assert sweep["sft_pick"] == max(sweep["sft_cells"], key=lambda c: (c["len_mean"], c["reward_mean"]))
+    assert f"SFT pick: learning_rate {sweep['sft_pick']['learning_rate']:g}" in first
+    assert "== SFT (ULRec-P)\n   skipped" in first
+    assert (run_dir / "checkpoints/sft/_stage.json").read_text() == \
+        (run_dir / "checkpoints" / sweep["sft_pick"]["name"] / "_stage.json").read_text()
+    assert "## SFT sweep" in (run_dir / "report.md").read_text()
     # stage 2 is the pick's checkpoint (adopted, not trained again)
     assert "== KTO (ULRec)\n   skipped" in first
     assert f"β {sweep['pick']['beta']:g}" in (run_dir / "report.md").read_text()

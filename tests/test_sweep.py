@@ -54,3 +54,24 @@ def test_validation_users_are_train_users_the_rollouts_never_played(tmp_path, mo
     cfg = load_config(None, [f"run.root={tmp_path}", "rollout.num_users=50"])
     with pytest.raises(UlrecError, match="no validation users"):
         sweep.validation_users(cfg)
+
+
+def test_stage_one_grid_is_empty_unless_asked_and_its_pick_is_adopted(tmp_path):
+    from train.sweep import adopt_pick, sft_cell_name, sft_grid
+
+    assert sft_grid(load_config(None, [])) == []  # default: the KTO grid only, from checkpoints/sft
+    cfg = load_config(None, [f"run.root={tmp_path}", "sft.epochs=2", "pipeline.sweep_sft_learning_rates=[1e-4,1e-3]"])
+    assert sft_grid(cfg) == [{"learning_rate": 1e-4, "epochs": 2.0}, {"learning_rate": 1e-3, "epochs": 2.0}]
+    assert sft_cell_name(1e-3, 2) == "sft_lr0.001_e2"
+
+    # Both picks' checkpoints become the main ones (the resume keys match, so the stages skip).
+    ckpt = cfg.run_dir / "checkpoints"
+    for name, key in [("sft_lr0.001_e2", "s1"), ("sft", "s0"), ("kto_b0.1_a1", "k1")]:
+        (ckpt / name).mkdir(parents=True)
+        (ckpt / name / "_stage.json").write_text(f'{{"hash": "{key}"}}')
+    sweep = {"sft_pick": {"name": "sft_lr0.001_e2", "learning_rate": 1e-3, "epochs": 2.0},
+             "pick": {"name": "kto_b0.1_a1", "beta": 0.1, "alpha": 1.0, "learning_rate": 3e-4, "epochs": 1.0}}
+    picked = adopt_pick(cfg, sweep)
+    assert (picked.sft.learning_rate, picked.sft.epochs, picked.kto.beta) == (1e-3, 2.0, 0.1)
+    assert (ckpt / "sft/_stage.json").read_text() == '{"hash": "s1"}'
+    assert (ckpt / "kto/_stage.json").read_text() == '{"hash": "k1"}'

@@ -1,6 +1,9 @@
 """`ulrec sweep`: the KTO stage's grid (paper Fig. 4), selected on validation users.
 
-Every cell trains stage 2 from the same stage-1 checkpoint and rows (β × α, and learning rates and
+When ``pipeline.sweep_sft_learning_rates`` / ``sweep_sft_epochs`` are given, stage 1 is searched
+first: each SFT cell is trained from the base model and scored as ULRec-P, and the KTO grid starts
+from the best one (coordinate-wise: stage 1, then stage 2; the joint grid would cost their product).
+Otherwise every cell trains stage 2 from the same stage-1 checkpoint (``checkpoints/sft``) and rows (β × α, and learning rates and
 epochs when ``pipeline.sweep_learning_rates`` / ``sweep_epochs`` are given). Cells are scored on
 **validation users of the train simulator**: train-split users that the training rollouts did not
 play, drawn with a fixed seed. The test simulator is never consulted, so the pick (best mean Len,
@@ -15,7 +18,7 @@ import itertools
 from typing import Any
 
 from rollout.evaluate import evaluate_model
-from train.stages import kto_stage
+from train.stages import kto_stage, sft_stage
 from ulrec.config import Config
 from ulrec.errors import UlrecError
 from ulrec.evaluation import draw_users, eval_user_pool
@@ -29,6 +32,20 @@ def cell_name(beta: float, alpha: float, lr: float | None = None, epochs: float 
     if epochs is not None:
         name += f"_e{epochs:g}"
     return name
+
+
+def sft_cell_name(lr: float, epochs: float) -> str:
+    return f"sft_lr{lr:g}_e{epochs:g}"
+
+
+def sft_grid(cfg: Config) -> list[dict[str, Any]]:
+    """Stage-1 cells (learning rate × epochs); empty when neither axis is given."""
+    p = cfg.pipeline
+    if p.sweep_sft_learning_rates is None and p.sweep_sft_epochs is None:
+        return []
+    lrs = p.sweep_sft_learning_rates or [cfg.sft.learning_rate]
+    epochs = p.sweep_sft_epochs or [cfg.sft.epochs]
+    return [{"learning_rate": lr, "epochs": e} for lr, e in itertools.product(lrs, epochs)]
 
 
 def validation_users(cfg: Config) -> list[int]:
@@ -60,15 +77,41 @@ def pick_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return max(cells, key=lambda c: (c["len_mean"], c["reward_mean"]))
 
 
+def _score(cfg: Config, name: str, users: list[int], sweep_dir) -> dict[str, Any]:
+    summary = evaluate_model(cfg, name, cfg.run_dir / "checkpoints" / name, users,
+                             out_root=sweep_dir / "eval", split="train")
+    return {k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}
+
+
 def sweep_stage(cfg: Config) -> dict[str, Any]:
     from ulrec.simulator.fit import simulator_fingerprint
 
     users = validation_users(cfg)
     simulator_fingerprint(cfg, "train")  # every cell is scored on it: missing → fail before training
     sweep_dir = cfg.run_dir / "sweep"
-    cells = []
+    meta = {"selection": "validation users, train simulator", "validation_users": len(users)}
+    result: dict[str, Any] = {**meta}
+
+    # Stage 1 (optional): ULRec-P cells, each from the base model.
+    init_model = None
+    for spec in sft_grid(cfg):
+        cell_cfg = cfg.model_copy(deep=True)
+        cell_cfg.sft.learning_rate, cell_cfg.sft.epochs = spec["learning_rate"], spec["epochs"]
+        name = sft_cell_name(spec["learning_rate"], spec["epochs"])
+        sft_stage(cell_cfg, output_name=name)
+        result.setdefault("sft_cells", []).append({**spec, "name": name, **_score(cell_cfg, name, users, sweep_dir)})
+        write_json(sweep_dir / "results.json", result)  # a partial grid is still reported
+    if result.get("sft_cells"):
+        result["sft_pick"] = pick_cell(result["sft_cells"])
+        init_model = cfg.run_dir / "checkpoints" / result["sft_pick"]["name"]
+
+    # Stage 2: the KTO grid from the stage-1 pick (or checkpoints/sft).
+    cells = result["cells"] = []
     for spec in sweep_grid(cfg):
         cell_cfg = cfg.model_copy(deep=True)
+        if "sft_pick" in result:
+            cell_cfg.sft.learning_rate = result["sft_pick"]["learning_rate"]
+            cell_cfg.sft.epochs = result["sft_pick"]["epochs"]
         cell_cfg.kto.beta = spec["beta"]
         cell_cfg.kto.alpha = spec["alpha"]
         if spec["learning_rate"] is not None:
@@ -76,22 +119,16 @@ def sweep_stage(cfg: Config) -> dict[str, Any]:
         if spec["epochs"] is not None:
             cell_cfg.kto.epochs = spec["epochs"]
         name = cell_name(spec["beta"], spec["alpha"], spec["learning_rate"], spec["epochs"])
-        kto_stage(cell_cfg, variant="full", output_name=name)
-        summary = evaluate_model(cell_cfg, name, cfg.run_dir / "checkpoints" / name, users,
-                                 out_root=sweep_dir / "eval", split="train")
+        kto_stage(cell_cfg, variant="full", output_name=name, init_model=init_model)
         cells.append({
             **spec,
             "learning_rate": cell_cfg.kto.learning_rate,
             "epochs": cell_cfg.kto.epochs,
             "name": name,
-            **{k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")},
+            **_score(cell_cfg, name, users, sweep_dir),
         })
-        # Written after every cell so a partial grid is still reported.
-        write_json(sweep_dir / "results.json", {"cells": cells, "selection": "validation users, train simulator",
-                                                "validation_users": len(users)})
-    pick = pick_cell(cells)
-    result = {"cells": cells, "pick": pick, "selection": "validation users, train simulator",
-              "validation_users": len(users)}
+        write_json(sweep_dir / "results.json", result)
+    result["pick"] = pick_cell(cells)
     write_json(sweep_dir / "results.json", result)
     from ulrec.report import plot_sweep
 
@@ -99,9 +136,12 @@ def sweep_stage(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def apply_pick(cfg: Config, pick: dict[str, Any]) -> Config:
-    """``cfg`` with the KTO settings of the sweep's pick."""
+def apply_pick(cfg: Config, pick: dict[str, Any], sft_pick: dict[str, Any] | None = None) -> Config:
+    """``cfg`` with the KTO settings of the sweep's pick (and the SFT settings of its stage-1 pick)."""
     picked = cfg.model_copy(deep=True)
+    if sft_pick is not None:
+        picked.sft.learning_rate = sft_pick["learning_rate"]
+        picked.sft.epochs = sft_pick["epochs"]
     picked.kto.beta = pick["beta"]
     picked.kto.alpha = pick["alpha"]
     picked.kto.learning_rate = pick["learning_rate"]
@@ -109,21 +149,28 @@ def apply_pick(cfg: Config, pick: dict[str, Any]) -> Config:
     return picked
 
 
-def adopt_pick(cfg: Config, pick: dict[str, Any]) -> Config:
-    """``cfg`` with the pick's KTO settings, and the pick's checkpoint in place as the main ULRec
-    checkpoint: a stage's resume key does not depend on its output name, so ``kto_stage`` with these
-    settings then finds its outputs done instead of training the same cell again."""
+def _put_in_place(cfg: Config, cell_name_: str, main_name: str) -> None:
+    """Copy ``checkpoints/<cell>`` to ``checkpoints/<main>`` unless it already holds that cell."""
     import shutil
 
-    from ulrec.io import atomic_path
+    from ulrec.io import STAGE_FILE, atomic_path
 
-    picked = apply_pick(cfg, pick)
-    cell = cfg.run_dir / "checkpoints" / pick["name"]
-    main = cfg.run_dir / "checkpoints" / "kto"
-    marker = "_stage.json"
-    same = (main / marker).is_file() and (cell / marker).is_file() and \
-        (main / marker).read_text() == (cell / marker).read_text()
+    cell = cfg.run_dir / "checkpoints" / cell_name_
+    main = cfg.run_dir / "checkpoints" / main_name
+    same = (main / STAGE_FILE).is_file() and (cell / STAGE_FILE).is_file() and \
+        (main / STAGE_FILE).read_text() == (cell / STAGE_FILE).read_text()
     if cell.is_dir() and not same:
         with atomic_path(main) as tmp:
             shutil.copytree(cell, tmp)
-    return picked
+
+
+def adopt_pick(cfg: Config, sweep: dict[str, Any]) -> Config:
+    """``cfg`` with the sweep's picks, and the picked checkpoints in place as the main ULRec-P /
+    ULRec checkpoints: a stage's resume key does not depend on its output name (and a finished
+    checkpoint is identified by its resume key), so ``sft_stage`` / ``kto_stage`` with these
+    settings then find their outputs done instead of training the same cells again."""
+    sft_pick = sweep.get("sft_pick")
+    if sft_pick is not None:
+        _put_in_place(cfg, sft_pick["name"], "sft")
+    _put_in_place(cfg, sweep["pick"]["name"], "kto")
+    return apply_pick(cfg, sweep["pick"], sft_pick)

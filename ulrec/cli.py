@@ -210,6 +210,13 @@ def _did_work(run_dir: "Path", since: float) -> bool:
     return any(p.stat().st_mtime >= since for p in run_dir.rglob(STAGE_FILE))
 
 
+def _sweep_before(cfg: Config) -> str:
+    """The pipeline step the sweep runs before: stage 1 when it searches SFT settings too."""
+    from train.sweep import sft_grid
+
+    return "SFT (ULRec-P)" if sft_grid(cfg) else "KTO (ULRec)"
+
+
 def run_pipeline(cfg: Config) -> str:
     import time
 
@@ -232,14 +239,16 @@ def run_pipeline(cfg: Config) -> str:
     if cfg.rollout.split != "train":
         raise UlrecError("rollout.split must be 'train' for `ulrec run` (training data comes from train users)")
     for name, stage in stages:
-        if name == "KTO (ULRec)" and cfg.pipeline.use_sweep_pick:
-            # Stage 2's settings chosen on validation users of the train simulator (never test).
+        if cfg.pipeline.use_sweep_pick and name == _sweep_before(cfg):
+            # Training settings chosen on validation users of the train simulator (never test).
             start, wall = time.perf_counter(), time.time()
-            typer.echo("== KTO sweep on validation users")
+            typer.echo("== sweep on validation users")
             from train.sweep import adopt_pick
 
             sweep = _call("train.sweep:sweep_stage", cfg)
-            cfg = adopt_pick(cfg, sweep["pick"])
+            cfg = adopt_pick(cfg, sweep)
+            if "sft_pick" in sweep:
+                typer.echo("   SFT pick: " + ", ".join(f"{k} {sweep['sft_pick'][k]:g}" for k in ("learning_rate", "epochs")))
             typer.echo("   pick: " + ", ".join(f"{k} {sweep['pick'][k]:g}" for k in ("beta", "alpha", "learning_rate", "epochs")))
             record("sweep", start, wall)
         start, wall = time.perf_counter(), time.time()

@@ -397,8 +397,13 @@ class PipelineConfig(Section):
     sweep_alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0])
     sweep_learning_rates: list[float] | None = None  # None: kto.learning_rate only
     sweep_epochs: list[float] | None = None          # None: kto.epochs only
+    # Stage 1 first, when given: each SFT cell is scored as ULRec-P on the same validation users,
+    # and the KTO grid then starts from the best one (a coordinate-wise search: stage 1, then 2).
+    sweep_sft_learning_rates: list[float] | None = None  # None: sft.learning_rate only, not scored
+    sweep_sft_epochs: list[float] | None = None          # None: sft.epochs only
     sweep_validation_users: int = Field(default=100, ge=1)
-    # `ulrec run`: run the sweep after stage 1 and train stage 2 with its pick (best validation Len).
+    # `ulrec run`: run the sweep (before stage 1 when it has SFT cells, else after) and train with
+    # its picks (best validation Len).
     use_sweep_pick: bool = False
 
 

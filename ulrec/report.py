@@ -341,6 +341,18 @@ def build_report(cfg: Config) -> dict[str, Any]:
         md += ["## Training data from the training rollouts", ""]
         md += [f"- {k}: {v}" for k, v in sorted(rows_stats.items()) if not isinstance(v, (dict, list))]
         md.append("")
+    if sweep.get("sft_cells"):
+        sft_pick = sweep.get("sft_pick") or {}
+        md += ["## SFT sweep (stage 1, scored as ULRec-P)", "",
+               f"Scored on {sweep.get('validation_users')} validation users of the train simulator; "
+               "✓ = the pick, from which the KTO grid below starts.", "",
+               "| lr | epochs | Len | Traj Reward | |", "|---|---|---|---|---|"]
+        md += [
+            f"| {c['learning_rate']} | {c['epochs']} | {_fmt(c['len_mean'], c['len_std'])} | "
+            f"{_fmt(c['reward_mean'], c['reward_std'])} | {'✓' if c.get('name') == sft_pick.get('name') else ''} |"
+            for c in sweep["sft_cells"]
+        ]
+        md.append("")
     if sweep.get("cells"):
         where = (f"{sweep.get('validation_users')} validation users of the train simulator (never the test one)"
                  if sweep.get("selection") else "the test simulator (an older sweep)")
