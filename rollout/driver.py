@@ -39,6 +39,7 @@ from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done
 from ulrec.policy import Policy, make_policy, resolve_model_dir
 from ulrec.prompts import PromptBuilder
 from ulrec.simulator.env import EchoChamberEnv
+from ulrec.simulator.fit import simulator_fingerprint
 
 STAGE_SECTIONS = ("data", "simulator", "env", "policy", "grounding", "rollout")
 
@@ -428,7 +429,9 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
         raise UlrecError(f"no {what} at {model_dir} (run `ulrec model init`, or set policy.model / rollout.collector.model)")
     check_model_dir(model_dir, "rollout.collector.model" if ro.collector.model else "policy model directory")
     input_hash = section_hash(
-        cfg, *STAGE_SECTIONS, extra=[cfg.run.seed, prepared_hash(cfg.run_dir), model_fingerprint(model_dir)]
+        cfg, *STAGE_SECTIONS,
+        extra=[cfg.run.seed, prepared_hash(cfg.run_dir), model_fingerprint(model_dir),
+               simulator_fingerprint(cfg, ro.split)],  # a refitted simulator answers differently
     )
     if stage_done(out_dir, input_hash):
         return {"skipped": True, **read_json(out_dir / "_stage.json").get("summary", {})}

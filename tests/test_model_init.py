@@ -116,6 +116,9 @@ def test_build_base_model_tiny(tmp_path):
     # Resume: same inputs skip; a changed model section rebuilds.
     again = build_base_model(cfg)
     assert again["skipped"] is True and again["loss_first"] == info["loss_first"]
+    quiet = cfg.model_copy(deep=True)  # regression: run.progress was part of the resume key
+    quiet.run.progress = not cfg.run.progress
+    assert build_base_model(quiet)["skipped"] is True
     changed = tiny_config(tmp_path, warm_start_examples=32)
     assert not stage_done(out, "x")
     rebuilt = build_base_model(changed)

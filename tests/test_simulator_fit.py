@@ -97,6 +97,10 @@ def test_rerun_skips_without_refitting(fitted, monkeypatch):
     monkeypatch.setattr(deepfm.DeepFMUserModel, "fit", refit)
     again = fit_simulators(cfg)
     assert again["skipped"] is True and again["thresholds"] == summary["thresholds"]
+    # Regression: the resume key held the whole `run` section, so hiding progress bars refitted.
+    quiet = cfg.model_copy(deep=True)
+    quiet.run.progress = not cfg.run.progress
+    assert fit_simulators(quiet)["skipped"] is True
 
 
 def test_load_env_uses_saved_model_and_calibrated_threshold(fitted):

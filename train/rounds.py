@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rollout.driver import training_rollout
+from rollout.driver import model_fingerprint, training_rollout
 from rollout.evaluate import evaluate_model
 from train.rows import rows_stage
 from train.stages import kto_stage
@@ -19,6 +19,7 @@ from ulrec.config import Config, section_hash
 from ulrec.data import load_prepared
 from ulrec.evaluation import draw_users, eval_user_pool, select_eval_users
 from ulrec.io import mark_stage_done, read_json, stage_done, write_json
+from ulrec.simulator.fit import simulator_fingerprint
 
 
 def round_model_dir(cfg: Config, r: int) -> Path:
@@ -26,7 +27,8 @@ def round_model_dir(cfg: Config, r: int) -> Path:
 
 
 def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> None:
-    input_hash = section_hash(cfg, "rollout", "env", "policy", "grounding", extra=[users, str(model_dir)])
+    # The model by content (a retrained round keeps its path), and the simulator that answers.
+    input_hash = section_hash(cfg, "rollout", "env", "policy", "grounding", extra=[users, model_fingerprint(model_dir), simulator_fingerprint(cfg, "train")])
     if stage_done(out_dir, input_hash):
         return
     # The tuned policy itself collects (no separate collector in later rounds).

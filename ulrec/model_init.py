@@ -333,7 +333,9 @@ def build_embedded_model(cfg: Config) -> dict:
     out_dir = cfg.run_dir / "model" / "base"
     builder = PromptBuilder.from_config(cfg.policy)
     input_hash = section_hash(
-        cfg, "data", "model", "run", extra={"template": builder.template, "history_length": builder.history_length}
+        # Only the run's seed: its name, root and progress display do not change the weights.
+        cfg, "data", "model",
+        extra={"template": builder.template, "history_length": builder.history_length, "seed": cfg.run.seed}
     )
     if stage_done(out_dir, input_hash):
         return {**read_json(out_dir / STAGE_FILE), "skipped": True}

@@ -50,7 +50,8 @@ def simulator_fingerprint(cfg: Config, split: str) -> str:
 
 
 def _stage_hash(cfg: Config) -> str:
-    return section_hash(cfg, "data", "simulator", "env", "run")
+    # Only the run's seed: its name, root and progress display do not change what is fitted.
+    return section_hash(cfg, "data", "simulator", "env", extra={"seed": cfg.run.seed})
 
 
 # ------------------------------------------------------------------------------------- data input
