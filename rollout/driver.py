@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray.exceptions import RayActorError, RayTaskError
-from tqdm.auto import tqdm
 
 from rollout.episode import EpisodeLabels, RolloutSummary
 from rollout.ray_utils import init_ray, wait_until_alive
@@ -34,6 +33,7 @@ from rollout.replica import PolicyReplica, TitleGrounder
 from rollout.shard import EpisodeSpec, ShardReport, UserShard
 from ulrec.checks import check_model_dir
 from ulrec.config import Config, section_hash
+from ulrec.console import progress_bar
 from ulrec.errors import DataError, InputError, UlrecError
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done
 from ulrec.policy import Policy, make_policy, resolve_model_dir
@@ -281,7 +281,7 @@ class RolloutProgress:
 
     def run(self, sink: Callable[[pa.Table], None]) -> None:
         streams = {i: self._start(i) for i in range(len(self.shards)) if self.remaining[i]}
-        bar = tqdm(total=self.total, desc="rollout", unit="ep", disable=not self.show, smoothing=0.1)
+        bar = progress_bar(total=self.total, desc="rollout", unit="ep", enabled=self.show, smoothing=0.1)
         begun = time.perf_counter()
         try:
             while streams:

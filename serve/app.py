@@ -46,6 +46,7 @@ from serve.recommender import (
 )
 from ulrec.checks import check_model_dir
 from ulrec.config import Config
+from ulrec.console import say
 from ulrec.errors import InputError
 from ulrec.grounding import GroundResult
 from ulrec.policy import GenerationResult
@@ -270,7 +271,7 @@ def serve_stage(cfg: Config) -> None:
     start(cfg)
     signal.signal(signal.SIGTERM, _interrupt)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    print(f"ulrec: serving on {url}/v1/recommend (health: {url}/healthz); Ctrl-C stops", flush=True)
+    say(f"ulrec: serving on {url}/v1/recommend (health: {url}/healthz); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)

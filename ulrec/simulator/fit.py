@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ulrec.config import Config, ConfigError, section_hash
+from ulrec.console import progress_bar
 from ulrec.errors import DataError
 from ulrec.io import STAGE_FILE, mark_stage_done, read_json, stage_done, write_json
 from ulrec.simulator.calibration import calibrate, resolve_distance_threshold
@@ -112,7 +112,7 @@ def _build_user_models(cfg: Config) -> dict[str, UserModel]:
     frames = {s: _read_ratings(data_dir / f"{s}.parquet") for s in SPLITS}
     n_users, n_items = _catalogue_sizes(data_dir, frames)
     models: dict[str, UserModel] = {}
-    for split in tqdm(SPLITS, desc="simulators", disable=not cfg.run.progress):
+    for split in progress_bar(SPLITS, desc="simulators", enabled=cfg.run.progress):
         models[split] = DeepFMUserModel.fit(
             frames[split],
             n_users=n_users,
