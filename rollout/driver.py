@@ -35,7 +35,7 @@ from ulrec.checks import check_model_dir
 from ulrec.config import Config, section_hash
 from ulrec.console import progress_bar
 from ulrec.errors import DataError, InputError, UlrecError
-from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done
+from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done
 from ulrec.policy import Policy, make_policy, resolve_model_dir
 from ulrec.prompts import PromptBuilder
 from ulrec.simulator.env import EchoChamberEnv
@@ -382,7 +382,7 @@ def read_episodes_dataset(out_dir: str | Path) -> "ray.data.Dataset":
 def model_fingerprint(model_dir: str | Path) -> str:
     """Changes whenever the model directory is rewritten (its stage marker, else weights' mtimes)."""
     model_dir = Path(model_dir)
-    marker = model_dir / "_stage.json"
+    marker = model_dir / STAGE_FILE
     if marker.is_file():
         return marker.read_text()
     weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
@@ -422,7 +422,7 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
     from ulrec.tracking import stage_logger
 
     ro = cfg.rollout
-    out_dir = cfg.run_dir / "rollouts" / ro.split
+    out_dir = cfg.layout.rollouts(ro.split)
     model_dir = collector_model_dir(cfg)
     if not model_dir.exists():
         what = "rollout.collector.model" if ro.collector.model else "policy model"
@@ -434,7 +434,7 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
                simulator_fingerprint(cfg, ro.split)],  # a refitted simulator answers differently
     )
     if stage_done(out_dir, input_hash):
-        return {"skipped": True, **read_json(out_dir / "_stage.json").get("summary", {})}
+        return {"skipped": True, **read_json(out_dir / STAGE_FILE).get("summary", {})}
     histories = load_prepared(cfg.run_dir).user_histories(ro.split)
     users = draw_users(eval_user_pool(histories), ro.num_users, cfg.run.seed)
     summary = training_rollout(
@@ -442,7 +442,7 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
         policy_name="collector" if ro.collector.model else model_dir.name, collector=ro.collector,
     )
     # Metrics live beside, not inside, the Parquet directory (readers glob it).
-    with stage_logger(cfg, f"rollout-{ro.split}", cfg.run_dir / "logs" / f"rollout-{ro.split}") as logger:
+    with stage_logger(cfg, f"rollout-{ro.split}", cfg.layout.logs / f"rollout-{ro.split}") as logger:
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
         flat.update({f"exit_{k}": v for k, v in summary["exit_reasons"].items()})
         flat.update({f"grounding_{k}": v for k, v in summary["grounding"].items()})

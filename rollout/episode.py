@@ -15,42 +15,11 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
+from ulrec.episodes import END_REASONS, EPISODE_SCHEMA, STEP_REASONS, STEP_TYPE, episode_row as _episode_row, episodes_table, step_row  # noqa: F401
 from ulrec.prompts import PromptBuilder, StepView, observation_text, parse_action
 
-# How an episode ends; "horizon" is a truncation after max_steps, not an exit.
-EXIT_REASONS = ("repeat", "low_reward", "similar", "format_error", "horizon")
-# What one step's reason may be: the user stayed, or the episode ended at this step.
-STEP_REASONS = ("stay",) + EXIT_REASONS
-
-STEP_TYPE = pa.struct(
-    [
-        ("step", pa.int64()),
-        ("prompt", pa.string()),
-        ("raw_output", pa.string()),
-        ("item_id", pa.int64()),
-        ("title", pa.string()),
-        ("substituted", pa.bool_()),
-        ("reward", pa.float64()),
-        ("live", pa.bool_()),
-        ("reason", pa.string()),
-    ]
-)
-
-# One row per (user, seed) episode. The training rows (train/) and evaluation read this schema.
-EPISODE_SCHEMA = pa.schema(
-    [
-        ("run", pa.string()),
-        ("policy", pa.string()),
-        ("split", pa.string()),
-        ("user_id", pa.int64()),
-        ("seed", pa.int64()),
-        ("length", pa.int64()),
-        ("total_reward", pa.float64()),
-        ("exit_reason", pa.string()),
-        ("num_generated_tokens", pa.int64()),
-        ("steps", pa.list_(STEP_TYPE)),
-    ]
-)
+# The episode format lives in ulrec.episodes; these names are what the rollout code reads.
+EXIT_REASONS = END_REASONS  # how an episode ends ("horizon" is a truncation, not an exit)
 
 _MASK64 = (1 << 64) - 1
 
@@ -188,35 +157,18 @@ def episode_row(
         raise ValueError(f"episode of user {state.user_id} is not finished (last reason {reason!r})")
     prompts = episode_prompts(state, builder, titles)
     steps = [
-        {
-            "step": k,
-            "prompt": prompt,
-            "raw_output": s.raw_output,
-            "item_id": s.item_id,
-            "title": titles[s.item_id] if s.item_id >= 0 else "",
-            "substituted": s.substituted,
-            "reward": float(s.reward),
-            "live": s.live,
-            "reason": s.reason,
-        }
+        step_row(k, prompt=prompt, raw_output=s.raw_output, item_id=s.item_id,
+                 title=titles[s.item_id] if s.item_id >= 0 else "", substituted=s.substituted,
+                 reward=s.reward, live=s.live, reason=s.reason)
         for k, (s, prompt) in enumerate(zip(state.steps, prompts), start=1)
     ]
-    return {
-        "run": labels.run,
-        "policy": labels.policy,
-        "split": labels.split,
-        "user_id": state.user_id,
-        "seed": state.seed,
-        "length": int(length),
-        "total_reward": float(total_reward),
-        "exit_reason": reason,
-        "num_generated_tokens": state.num_generated_tokens,
-        "steps": steps,
-    }
+    return _episode_row(run=labels.run, policy=labels.policy, split=labels.split, user_id=state.user_id,
+                        seed=state.seed, length=length, total_reward=total_reward, exit_reason=reason,
+                        num_generated_tokens=state.num_generated_tokens, steps=steps)
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=EPISODE_SCHEMA)
+    return episodes_table(rows)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ulrec.evaluation import (
     summarize_episodes,
 )
 from ulrec.io import mark_stage_done, read_json, stage_done, write_json
+from ulrec.layout import EPISODES_DIR
 
 
 def method_model_dir(cfg: Config, method: str) -> Path:
@@ -34,7 +35,7 @@ def method_model_dir(cfg: Config, method: str) -> Path:
         known = ", ".join(METHOD_CHECKPOINTS)
         raise UlrecError(f"eval.methods: unknown method '{method}' (known: {known})")
     sub = METHOD_CHECKPOINTS[method]
-    return resolve_model_dir(cfg) if sub is None else cfg.run_dir / "checkpoints" / sub
+    return resolve_model_dir(cfg) if sub is None else cfg.layout.checkpoint(sub)
 
 
 def eval_methods(cfg: Config) -> list[str]:
@@ -62,7 +63,7 @@ def evaluate_model(
     if not (model_dir / "config.json").is_file():
         raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
     check_model_dir(model_dir, f"{method} model")
-    method_dir = (out_root or cfg.run_dir / "eval") / method
+    method_dir = (out_root or cfg.layout.eval) / method
     collector = cfg.rollout.collector if method == "collector" else None
     # The simulator is an input too: a refit (or deleted) simulator never serves cached results.
     input_hash = section_hash(
@@ -80,7 +81,7 @@ def evaluate_model(
         seeds=list(cfg.eval.seeds),
         temperature=cfg.eval.temperature,
         max_steps=cfg.eval.max_steps,
-        out_dir=method_dir / "episodes",
+        out_dir=method_dir / EPISODES_DIR,
         policy_name=method,
         collector=collector,
     )

@@ -49,6 +49,7 @@ from ulrec.config import Config
 from ulrec.console import say
 from ulrec.errors import InputError
 from ulrec.grounding import GroundResult
+from ulrec.layout import STAGE2_CHECKPOINT
 from ulrec.policy import GenerationResult
 
 logger = logging.getLogger("ulrec.serve")
@@ -59,7 +60,7 @@ HEALTH_TIMEOUT_S = 5.0
 
 def checkpoint_dir(cfg: Config) -> Path:
     """The model directory to serve: ``serve.checkpoint``, else ``<run>/checkpoints/kto``."""
-    path = Path(cfg.serve.checkpoint).expanduser() if cfg.serve.checkpoint else cfg.run_dir / "checkpoints" / "kto"
+    path = Path(cfg.serve.checkpoint).expanduser() if cfg.serve.checkpoint else cfg.layout.checkpoint(STAGE2_CHECKPOINT)
     if not path.exists():
         raise InputError(f"serve.checkpoint: {path} does not exist (run training first or pass --checkpoint)")
     # Before Serve starts: a bad directory is one line, not a replica that dies after 30 s.

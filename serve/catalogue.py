@@ -28,7 +28,7 @@ def catalogue_path(cfg: Config) -> Path:
     """The catalogue file for ``cfg`` (see the module docstring)."""
     if cfg.serve.catalogue:
         return Path(cfg.serve.catalogue).expanduser()
-    return cfg.run_dir / "data" / "items.parquet"
+    return cfg.layout.data_file("items.parquet")
 
 
 def load_titles(path: str | Path) -> list[str]:

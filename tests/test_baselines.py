@@ -380,8 +380,9 @@ def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_sess
     assert random_len < 1.5 and random_low > 0.4
     lengths, low_exits = {}, {}
     for algo_name in ALL_ALGOS:
-        episodes = pd.read_parquet(cfg.run_dir / "eval" / algo_name / "episodes.parquet")
-        assert pq.read_schema(cfg.run_dir / "eval" / algo_name / "episodes.parquet").equals(EPISODE_SCHEMA, check_metadata=False)
+        episodes = pd.read_parquet(cfg.run_dir / "eval" / algo_name / "episodes")
+        assert pq.read_schema(cfg.run_dir / "eval" / algo_name / "episodes" / "part-00000.parquet").equals(
+            EPISODE_SCHEMA, check_metadata=False)
         assert len(episodes) == N_USERS * len(cfg.eval.seeds)
         assert (cfg.run_dir / "baselines" / algo_name / "checkpoint").is_dir()
         lengths[algo_name] = float(episodes["length"].mean())

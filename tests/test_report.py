@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from ulrec.config import load_config
+from ulrec.episodes import episode_row, step_row, write_episodes
 from ulrec.evaluation import draw_users, eval_user_pool, summarize_episodes
 from ulrec.report import build_report, table_main
 
@@ -15,16 +16,13 @@ def _episodes(method: str, lengths_by_seed: dict[int, list[int]], reason="simila
     rows = []
     for seed, lengths in lengths_by_seed.items():
         for user, length in enumerate(lengths):
-            steps = [
-                {"step": k + 1, "prompt": "p", "raw_output": "o", "item_id": k, "title": f"t{k}",
-                 "substituted": k == 0, "reward": 4.0, "live": True, "reason": "stay"}
-                for k in range(length)
-            ]
-            steps.append({"step": length + 1, "prompt": "p", "raw_output": "o", "item_id": 99, "title": "x",
-                          "substituted": False, "reward": 1.0, "live": False, "reason": reason})
-            rows.append({"run": "r", "policy": method, "split": "test", "user_id": user, "seed": seed,
-                         "length": length, "total_reward": 4.0 * length, "exit_reason": reason,
-                         "num_generated_tokens": 10, "steps": steps})
+            steps = [step_row(k + 1, prompt="p", raw_output="o", item_id=k, title=f"t{k}", substituted=k == 0,
+                              reward=4.0, live=True, reason="stay") for k in range(length)]
+            steps.append(step_row(length + 1, prompt="p", raw_output="o", item_id=99, title="x",
+                                  reward=1.0, live=False, reason=reason))
+            rows.append(episode_row(run="r", policy=method, split="test", user_id=user, seed=seed, length=length,
+                                    total_reward=4.0 * length, exit_reason=reason, num_generated_tokens=10,
+                                    steps=steps))
     return pd.DataFrame(rows)
 
 
@@ -55,7 +53,7 @@ def test_report_tables_and_plots(tmp_path):
     for method, lengths in {"base": [1, 2], "ulrec-p": [4, 6], "ulrec": [8, 9], "dqn": [3, 3]}.items():
         d = cfg.run_dir / "eval" / method
         d.mkdir(parents=True)
-        _episodes(method, {0: lengths, 1: lengths, 2: lengths}).to_parquet(d / "episodes.parquet")
+        write_episodes(_episodes(method, {0: lengths, 1: lengths, 2: lengths}).to_dict("records"), d / "episodes")
     metrics = cfg.run_dir / "checkpoints" / "kto" / "metrics.jsonl"
     metrics.parent.mkdir(parents=True)
     metrics.write_text("\n".join(json.dumps({"step": i, "loss": 1.0 / (i + 1), "kl": 0.1 * i}) for i in range(5)))

@@ -23,7 +23,7 @@ from ulrec.simulator.fit import simulator_fingerprint
 
 
 def round_model_dir(cfg: Config, r: int) -> Path:
-    return cfg.run_dir / "checkpoints" / ("kto" if r == 1 else f"kto_round{r}")
+    return cfg.layout.round_checkpoint(r)
 
 
 def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> None:
@@ -41,14 +41,14 @@ def rounds_stage(cfg: Config) -> list[dict[str, Any]]:
     eval_users = select_eval_users(cfg, "test")
     histories = load_prepared(cfg.run_dir).user_histories("train")
     train_users = draw_users(eval_user_pool(histories), cfg.rollout.num_users, cfg.run.seed)
-    summary = read_json(cfg.run_dir / "eval" / "ulrec" / "summary.json")
+    summary = read_json(cfg.layout.eval_method("ulrec") / "summary.json")
     rounds = [{"round": 1, **{k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}}]
-    rollout_dirs = [cfg.run_dir / "rollouts" / "train"]
+    rollout_dirs = [cfg.layout.rollouts("train")]
     for r in range(2, cfg.pipeline.rounds + 1):
         previous = round_model_dir(cfg, r - 1)
-        rollout_dirs.append(cfg.run_dir / "rollouts" / f"train_round{r}")
+        rollout_dirs.append(cfg.layout.rollouts("train", r))
         _collect(cfg, previous, rollout_dirs[-1], train_users)
-        rows_dir = cfg.run_dir / f"rows_round{r}"
+        rows_dir = cfg.layout.rows(r)
         rows_stage(cfg, rollout_dirs=rollout_dirs, out_dir=rows_dir)
         kto_stage(
             cfg,
@@ -58,8 +58,8 @@ def rounds_stage(cfg: Config) -> list[dict[str, Any]]:
             output_name=round_model_dir(cfg, r).name,
         )
         summary = evaluate_model(
-            cfg, f"ulrec-round{r}", round_model_dir(cfg, r), eval_users, out_root=cfg.run_dir / "rounds_eval"
+            cfg, f"ulrec-round{r}", round_model_dir(cfg, r), eval_users, out_root=cfg.layout.rounds_eval
         )
         rounds.append({"round": r, **{k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}})
-        write_json(cfg.run_dir / "rounds.json", rounds)
+        write_json(cfg.layout.rounds_file, rounds)
     return rounds

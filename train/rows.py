@@ -26,7 +26,7 @@ from ulrec.tracking import stage_logger
 
 
 def default_rollout_dirs(cfg: Config) -> list[Path]:
-    return [cfg.run_dir / "rollouts" / "train"]
+    return [cfg.layout.rollouts("train")]
 
 
 def _parquet_files(directory: Path) -> list[Path]:
@@ -99,7 +99,7 @@ def rows_stage(
     rounds. ``out_dir``: where to write (default ``rows/``). Skipped when done for the same inputs.
     """
     dirs = [Path(d) for d in rollout_dirs] if rollout_dirs else default_rollout_dirs(cfg)
-    out = Path(out_dir) if out_dir is not None else cfg.run_dir / "rows"
+    out = Path(out_dir) if out_dir is not None else cfg.layout.rows()
     files = [f for d in dirs for f in _parquet_files(d)]
     input_hash = section_hash(
         cfg, "feedback", extra={"rollouts": [f"{f}={path_fingerprint(f)}" for f in files]}

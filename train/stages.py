@@ -38,6 +38,7 @@ from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScalin
 from ulrec.errors import DataError
 from ulrec.checks import check_model_dir, check_model_finite, check_parquet
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.layout import STAGE1_CHECKPOINT, VARIANT_CHECKPOINTS
 from ulrec.policy import resolve_model_dir
 from ulrec.tracking import wandb_mode
 
@@ -45,7 +46,7 @@ FINAL_FILE = "final.json"  # marks the checkpoint reported after training ended
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
-VARIANT_OUTPUTS = {"full": "kto", "no_sft": "kto_no_sft", "no_kto": "sft2"}
+VARIANT_OUTPUTS = VARIANT_CHECKPOINTS
 
 
 @dataclass
@@ -334,7 +335,7 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: s
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
-    storage = (cfg.run_dir / "ray_train").resolve()
+    storage = cfg.layout.ray_train.resolve()
     run_name = f"{job.name}-{input_hash}"
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -473,11 +474,11 @@ def sft_job(
     *,
     rows_path: str | Path | None = None,
     init_model: str | Path | None = None,
-    output_name: str = "sft",
+    output_name: str = STAGE1_CHECKPOINT,
     callbacks: Sequence[Any] = (),
 ) -> TrainJob:
     """Stage 1's job: SFT on ``rows/sft.parquet`` from the base model."""
-    rows = _require(Path(rows_path) if rows_path else cfg.run_dir / "rows" / "sft.parquet",
+    rows = _require(Path(rows_path) if rows_path else cfg.layout.rows() / "sft.parquet",
                     "SFT rows", "run `ulrec train rows` first")
     model = _require(Path(init_model) if init_model else resolve_model_dir(cfg),
                      "base model", "run `ulrec model init` or set policy.model")
@@ -517,14 +518,14 @@ def kto_job(
     """
     variant = variant or cfg.kto.variant
     name = output_name or VARIANT_OUTPUTS[variant]
-    init = _require(Path(init_model) if init_model else cfg.run_dir / "checkpoints" / "sft",
+    init = _require(Path(init_model) if init_model else cfg.layout.checkpoint(STAGE1_CHECKPOINT),
                     "stage-1 checkpoint", "run `ulrec train sft` first")
     section = cfg.kto
     if variant == "no_kto":
-        rows = _require(Path(rows_path) if rows_path else cfg.run_dir / "rows" / "sft.parquet",
+        rows = _require(Path(rows_path) if rows_path else cfg.layout.rows() / "sft.parquet",
                         "SFT rows", "run `ulrec train rows` first")
         return _job(cfg, "sft", name, rows, init, section, callbacks=list(callbacks))
-    rows = _require(Path(rows_path) if rows_path else cfg.run_dir / "rows" / "kto.parquet",
+    rows = _require(Path(rows_path) if rows_path else cfg.layout.rows() / "kto.parquet",
                     "KTO rows", "run `ulrec train rows` first")
     return _job(
         cfg, "kto", name, rows, init, section,
@@ -543,12 +544,12 @@ def sft_stage(
     *,
     rows_path: str | Path | None = None,
     init_model: str | Path | None = None,
-    output_name: str = "sft",
+    output_name: str = STAGE1_CHECKPOINT,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Stage 1 (ULRec-P) under Ray Train → ``checkpoints/<output_name>``; returns the summary."""
     job = sft_job(cfg, rows_path=rows_path, init_model=init_model, output_name=output_name, callbacks=callbacks)
-    return _stage(cfg, job, "sft", cfg.sft.scaling, cfg.run_dir / "checkpoints" / job.name, {})
+    return _stage(cfg, job, "sft", cfg.sft.scaling, cfg.layout.checkpoint(job.name), {})
 
 
 def kto_stage(
@@ -564,4 +565,4 @@ def kto_stage(
     variant = variant or cfg.kto.variant
     job = kto_job(cfg, variant=variant, rows_path=rows_path, init_model=init_model,
                   output_name=output_name, callbacks=callbacks)
-    return _stage(cfg, job, "kto", cfg.kto.scaling, cfg.run_dir / "checkpoints" / job.name, {"variant": variant})
+    return _stage(cfg, job, "kto", cfg.kto.scaling, cfg.layout.checkpoint(job.name), {"variant": variant})

@@ -23,6 +23,7 @@ from ulrec.config import Config
 from ulrec.errors import UlrecError
 from ulrec.evaluation import draw_users, eval_user_pool
 from ulrec.io import write_json
+from ulrec.layout import STAGE1_CHECKPOINT, STAGE2_CHECKPOINT
 
 
 def cell_name(beta: float, alpha: float, lr: float | None = None, epochs: float | None = None) -> str:
@@ -78,7 +79,7 @@ def pick_cell(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _score(cfg: Config, name: str, users: list[int], sweep_dir) -> dict[str, Any]:
-    summary = evaluate_model(cfg, name, cfg.run_dir / "checkpoints" / name, users,
+    summary = evaluate_model(cfg, name, cfg.layout.checkpoint(name), users,
                              out_root=sweep_dir / "eval", split="train")
     return {k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}
 
@@ -88,7 +89,7 @@ def sweep_stage(cfg: Config) -> dict[str, Any]:
 
     users = validation_users(cfg)
     simulator_fingerprint(cfg, "train")  # every cell is scored on it: missing → fail before training
-    sweep_dir = cfg.run_dir / "sweep"
+    sweep_dir = cfg.layout.sweep
     meta = {"selection": "validation users, train simulator", "validation_users": len(users)}
     result: dict[str, Any] = {**meta}
 
@@ -103,7 +104,7 @@ def sweep_stage(cfg: Config) -> dict[str, Any]:
         write_json(sweep_dir / "results.json", result)  # a partial grid is still reported
     if result.get("sft_cells"):
         result["sft_pick"] = pick_cell(result["sft_cells"])
-        init_model = cfg.run_dir / "checkpoints" / result["sft_pick"]["name"]
+        init_model = cfg.layout.checkpoint(result["sft_pick"]["name"])
 
     # Stage 2: the KTO grid from the stage-1 pick (or checkpoints/sft).
     cells = result["cells"] = []
@@ -155,8 +156,8 @@ def _put_in_place(cfg: Config, cell_name_: str, main_name: str) -> None:
 
     from ulrec.io import STAGE_FILE, atomic_path
 
-    cell = cfg.run_dir / "checkpoints" / cell_name_
-    main = cfg.run_dir / "checkpoints" / main_name
+    cell = cfg.layout.checkpoint(cell_name_)
+    main = cfg.layout.checkpoint(main_name)
     same = (main / STAGE_FILE).is_file() and (cell / STAGE_FILE).is_file() and \
         (main / STAGE_FILE).read_text() == (cell / STAGE_FILE).read_text()
     if cell.is_dir() and not same:
@@ -171,6 +172,6 @@ def adopt_pick(cfg: Config, sweep: dict[str, Any]) -> Config:
     settings then find their outputs done instead of training the same cells again."""
     sft_pick = sweep.get("sft_pick")
     if sft_pick is not None:
-        _put_in_place(cfg, sft_pick["name"], "sft")
-    _put_in_place(cfg, sweep["pick"]["name"], "kto")
+        _put_in_place(cfg, sft_pick["name"], STAGE1_CHECKPOINT)
+    _put_in_place(cfg, sweep["pick"]["name"], STAGE2_CHECKPOINT)
     return apply_pick(cfg, sweep["pick"], sft_pick)

@@ -57,7 +57,7 @@ _VERBOSE: list[bool] = [False]  # set by main() from -v / --verbose / ULREC_VERB
 
 def _routed_output(cfg: Config):
     """This command's library output into the run's log (see ``ulrec.console``)."""
-    return routed(cfg.run_dir / "logs" / "ulrec.log", verbose=_VERBOSE[0])
+    return routed(cfg.layout.console_log, verbose=_VERBOSE[0])
 
 
 # The config of this invocation, once it validated: an unexpected failure's traceback goes to its
@@ -76,7 +76,7 @@ def _error_log_path() -> "Path":
     import time
     from pathlib import Path
 
-    base = _LOADED[0].run_dir / "logs" if _LOADED else Path(tempfile.gettempdir()) / "ulrec-logs"
+    base = _LOADED[0].layout.logs if _LOADED else Path(tempfile.gettempdir()) / "ulrec-logs"
     return base / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
@@ -247,7 +247,7 @@ def run_pipeline(cfg: Config) -> str:
 
     from ulrec.io import read_json
 
-    timings_path = cfg.run_dir / "timings.json"
+    timings_path = cfg.layout.timings
     # A stage skipped in this run keeps the time of the run that did its work.
     previous = read_json(timings_path) if timings_path.is_file() else {}
     timings: dict[str, float] = {}
@@ -308,14 +308,14 @@ def run_pipeline(cfg: Config) -> str:
 
     for name, stage in [("evaluation", "rollout.evaluate:eval_stage"), ("report", "ulrec.report:report_stage")]:
         if name == "report":  # the report lists the stage times so far
-            write_json(cfg.run_dir / "timings.json", timings)
+            write_json(cfg.layout.timings, timings)
         start, wall = time.perf_counter(), time.time()
         say(f"== {name}")
         out = _call(stage, cfg)
         if name == "evaluation":
             say(_stage_line(None, time.perf_counter() - start))
         record(name, start, wall)
-    write_json(cfg.run_dir / "timings.json", timings)
+    write_json(cfg.layout.timings, timings)
     total = sum(timings.values())
     return f"{out}\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total:.0f}"
 

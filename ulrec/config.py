@@ -14,10 +14,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from ulrec.layout import RunLayout
 
 
 class ConfigError(ValueError):
@@ -581,6 +584,13 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return self.run.dir
+
+    @property
+    def layout(self) -> "RunLayout":
+        """Every path under the run directory (``ulrec.layout``)."""
+        from ulrec.layout import RunLayout
+
+        return RunLayout(self.run.dir)
 
 
 # ------------------------------------------------------------------------------------ loading/errors

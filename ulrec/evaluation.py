@@ -16,17 +16,12 @@ import numpy as np
 import pandas as pd
 
 from ulrec.config import Config
+from ulrec.episodes import END_REASONS
 
-EXIT_REASONS = ("repeat", "low_reward", "similar", "format_error", "horizon")
+EXIT_REASONS = END_REASONS  # how episodes end, for the exit-share columns
 
-# LLM method → checkpoint sub-directory of the run (None → the base model).
-METHOD_CHECKPOINTS: dict[str, str | None] = {
-    "base": None,
-    "ulrec-p": "sft",
-    "ulrec": "kto",
-    "wo-sft": "kto_no_sft",
-    "wo-kto": "sft2",
-}
+from ulrec.layout import METHOD_CHECKPOINTS  # noqa: F401  (LLM method → checkpoint; re-exported)
+
 ABLATION_METHODS = ("wo-sft", "wo-kto")
 METHOD_LABELS = {
     "collector": "Collector",
@@ -127,5 +122,7 @@ def summarize_episodes(episodes: pd.DataFrame) -> dict[str, Any]:
 
 
 def read_episodes(path: str | Path) -> pd.DataFrame:
-    """Episodes written by a rollout or a baseline evaluation (a Parquet file or a directory of them)."""
-    return pd.read_parquet(path)
+    """Episodes written by a rollout or a baseline evaluation (``ulrec.episodes``)."""
+    from ulrec import episodes
+
+    return episodes.read_episodes(path)

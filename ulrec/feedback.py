@@ -22,11 +22,13 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 
 from ulrec.config import FeedbackConfig
+from ulrec.episodes import STAY, TRUNCATED, USER_EXITS
 from ulrec.errors import DataError
 from ulrec.prompts import completion_text
 
-EXIT_REASONS = frozenset({"repeat", "low_reward", "similar", "format_error"})
-LIVE_REASONS = frozenset({"stay", "horizon"})
+# A step that ended the episode by an exit is a negative; a kept or truncated one is live.
+EXIT_REASONS = frozenset(USER_EXITS)
+LIVE_REASONS = frozenset({STAY, TRUNCATED})
 
 # The rows' columns: prompt/completion/label are what the trainers read; the rest trace a row back
 # to its episode and step.

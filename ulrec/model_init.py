@@ -308,7 +308,7 @@ def build_base_model(cfg: Config) -> dict:
 
     if source == "hf":
         return {"model_dir": str(check_hf_dir(cfg.model.path)), "source": "hf"}
-    out_dir = cfg.run_dir / "model" / "base"
+    out_dir = cfg.layout.base_model
     cache = Path(cfg.model.cache_dir or cfg.data.cache_dir).expanduser()
     if source == "gguf":
         gguf_file = Path(cfg.model.path).expanduser()
@@ -330,7 +330,7 @@ def build_base_model(cfg: Config) -> dict:
 
 def build_embedded_model(cfg: Config) -> dict:
     """Build, warm-start and save the embedded base model; returns what it measured."""
-    out_dir = cfg.run_dir / "model" / "base"
+    out_dir = cfg.layout.base_model
     builder = PromptBuilder.from_config(cfg.policy)
     input_hash = section_hash(
         # Only the run's seed: its name, root and progress display do not change the weights.
@@ -341,7 +341,7 @@ def build_embedded_model(cfg: Config) -> dict:
         return {**read_json(out_dir / STAGE_FILE), "skipped": True}
 
     started = time.perf_counter()
-    titles, histories = read_catalogue_and_histories(cfg.run_dir / "data")
+    titles, histories = read_catalogue_and_histories(cfg.layout.data)
     # Heavy imports only after the cheap input checks passed.
     import torch
 

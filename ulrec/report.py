@@ -17,6 +17,7 @@ import pandas as pd
 from ulrec.config import Config
 from ulrec.errors import UlrecError
 from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summarize_episodes
+from ulrec.layout import EPISODES_DIR, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, RunLayout
 from ulrec.io import atomic_path, read_json, write_json, write_text
 from ulrec.tracking import read_metrics
 
@@ -30,16 +31,14 @@ def _label(method: str) -> str:
 
 
 def _episodes_path(method_dir: Path) -> Path | None:
-    for name in ("episodes", "episodes.parquet"):
-        if (method_dir / name).exists():
-            return method_dir / name
-    return None
+    path = method_dir / EPISODES_DIR
+    return path if path.exists() else None
 
 
 def collect_results(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Summaries of every evaluated method under ``run_dir/eval`` (method → summary)."""
     results: dict[str, dict[str, Any]] = {}
-    eval_dir = run_dir / "eval"
+    eval_dir = RunLayout(run_dir).eval
     if not eval_dir.is_dir():
         return results
     for method_dir in sorted(p for p in eval_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -125,7 +124,7 @@ def _save(fig, path: Path) -> Path:
 def plot_len_distribution(run_dir: Path, methods: list[str], path: Path) -> Path | None:
     data, labels = [], []
     for m in methods:
-        ep = _episodes_path(run_dir / "eval" / m)
+        ep = _episodes_path(RunLayout(run_dir).eval_method(m))
         if ep is None:
             continue
         data.append(pd.read_parquet(ep, columns=["length"])["length"].to_numpy())
@@ -160,16 +159,16 @@ def plot_exit_reasons(results: dict[str, dict[str, Any]], path: Path) -> Path | 
 
 
 TRAIN_CURVES = {
-    "sft": ["loss"],
+    STAGE1_CHECKPOINT: ["loss"],
     # Log-ratios rather than TRL's rewards (= β × log-ratio): at β = 0.01 those hide the movement.
-    "kto": ["loss", "logratio/chosen", "logratio/rejected", "kl", "sft_loss"],
+    STAGE2_CHECKPOINT: ["loss", "logratio/chosen", "logratio/rejected", "kl", "sft_loss"],
 }
 
 
 def plot_training_curves(run_dir: Path, path: Path) -> Path | None:
     panels = []
     for stage, keys in TRAIN_CURVES.items():
-        records = read_metrics(run_dir / "checkpoints" / stage / "metrics.jsonl")
+        records = read_metrics(RunLayout(run_dir).checkpoint(stage) / "metrics.jsonl")
         for key in keys:
             pts = [(r.get("step"), r[key]) for r in records if key in r and r.get("step") is not None]
             if pts:
@@ -259,7 +258,7 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
         f"{tuning(cfg.sft)}"
     )
     weight = cfg.kto.undesirable_weight
-    rows_stats_path = run_dir / "rows" / "stats.json"
+    rows_stats_path = RunLayout(run_dir).rows() / "stats.json"
     if weight == "balanced" and rows_stats_path.is_file():
         counts = read_json(rows_stats_path)
         if counts.get("negatives"):
@@ -272,7 +271,7 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
         bl = cfg.baselines
         md.append("- RL baselines: " + ", ".join(f"{k} {getattr(bl, k)}" for k in BASELINE_BUDGET_KEYS)
                   + " (EasyRL4Rec: 100k gradient updates / env steps)")
-    timings_path = run_dir / "timings.json"
+    timings_path = RunLayout(run_dir).timings
     if timings_path.is_file():
         timings = read_json(timings_path)
         md.append("- stage times (s, this machine; 0 = skipped, done earlier): "
@@ -301,13 +300,13 @@ def _tau_d(calibration: dict[str, Any], cfg: Config) -> str:
 
 
 def build_report(cfg: Config) -> dict[str, Any]:
-    run_dir = cfg.run_dir
+    run_dir, layout = cfg.run_dir, cfg.layout
     results = collect_results(run_dir)
     if not results:
-        raise UlrecError(f"no evaluated methods under {run_dir / 'eval'} (run `ulrec eval` first)")
-    plots_dir = run_dir / "plots"
-    sweep = read_json(run_dir / "sweep" / "results.json") if (run_dir / "sweep" / "results.json").is_file() else {}
-    rounds_path = run_dir / "rounds.json"
+        raise UlrecError(f"no evaluated methods under {layout.eval} (run `ulrec eval` first)")
+    plots_dir = layout.plots
+    sweep = read_json(layout.sweep / "results.json") if (layout.sweep / "results.json").is_file() else {}
+    rounds_path = layout.rounds_file
     rounds = read_json(rounds_path) if rounds_path.is_file() else []
     plots = {
         "len_distribution": plot_len_distribution(run_dir, list(results), plots_dir / "len_distribution.png"),
@@ -318,10 +317,10 @@ def build_report(cfg: Config) -> dict[str, Any]:
     }
     plots = {k: str(v.relative_to(run_dir)) for k, v in plots.items() if v is not None}
     commit = _git_commit()
-    data_stats = read_json(run_dir / "data" / "stats.json") if (run_dir / "data" / "stats.json").is_file() else {}
-    calib_path = run_dir / "simulators" / "calibration.json"
+    data_stats = read_json(layout.data_file("stats.json")) if layout.data_file("stats.json").is_file() else {}
+    calib_path = layout.simulators / "calibration.json"
     calibration = read_json(calib_path) if calib_path.is_file() else {}
-    rows_stats = read_json(run_dir / "rows" / "stats.json") if (run_dir / "rows" / "stats.json").is_file() else {}
+    rows_stats = read_json(layout.rows() / "stats.json") if (layout.rows() / "stats.json").is_file() else {}
 
     md = [f"# ULRec report: `{cfg.run.name}`", ""]
     md.append(
@@ -388,9 +387,9 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "plots": plots,
         "config": cfg.model_dump(mode="json"),
     }
-    write_json(run_dir / "results.json", payload)
-    write_text(run_dir / "report.md", report_md)
-    return {"report": str(run_dir / "report.md"), "table": table_main(results), "results": results, "plots": plots}
+    write_json(layout.results, payload)
+    write_text(layout.report, report_md)
+    return {"report": str(layout.report), "table": table_main(results), "results": results, "plots": plots}
 
 
 def report_stage(cfg: Config) -> str:

@@ -205,7 +205,7 @@ def prepare_dorl(
         members += fit_deepfm_members(cfg, b.dorl_ensemble - 1, out_dir)
     else:
         members = fit_matrix_members(train_model.rewards, b.dorl_ensemble, out_dir, seed=cfg.run.seed)
-    if (cfg.run_dir / "data" / "train.parquet").is_file():
+    if cfg.layout.data_file("train.parquet").is_file():
         from ulrec.data import load_prepared
 
         sequences = list(load_prepared(cfg.run_dir).user_histories("train").values())

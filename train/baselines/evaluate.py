@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from rollout.episode import EPISODE_SCHEMA
+from ulrec.episodes import episode_row, step_row, write_episodes
 from ulrec.errors import InputError
-from ulrec.io import atomic_path
 from ulrec.simulator import EchoChamberEnv
 
 from train.baselines.env import window_observations
@@ -99,42 +97,19 @@ def episode_rows(
     played: dict[str, Any], *, run: str, policy: str, split: str, titles: Sequence[str] | None
 ) -> list[dict[str, Any]]:
     """Rows of the rollout episode schema (prompt/raw_output empty, nothing substituted)."""
-    rows = []
-    for k in range(len(played["user_id"])):
-        rows.append(
-            {
-                "run": run,
-                "policy": policy,
-                "split": split,
-                "user_id": int(played["user_id"][k]),
-                "seed": int(played["seed"][k]),
-                "length": int(played["length"][k]),
-                "total_reward": float(played["total_reward"][k]),
-                "exit_reason": str(played["exit_reason"][k]),
-                "num_generated_tokens": 0,
-                "steps": [
-                    {
-                        "step": j,
-                        "prompt": "",
-                        "raw_output": "",
-                        "item_id": item,
-                        "title": titles[item] if titles is not None else "",
-                        "substituted": False,
-                        "reward": reward,
-                        "live": live,
-                        "reason": reason,
-                    }
-                    for j, (item, reward, live, reason) in enumerate(played["steps"][k], start=1)
-                ],
-            }
+    return [
+        episode_row(
+            run=run, policy=policy, split=split, user_id=played["user_id"][k], seed=played["seed"][k],
+            length=played["length"][k], total_reward=played["total_reward"][k],
+            exit_reason=str(played["exit_reason"][k]),
+            steps=[step_row(j, item_id=item, title=titles[item] if titles is not None else "",
+                            reward=reward, live=live, reason=reason)
+                   for j, (item, reward, live, reason) in enumerate(played["steps"][k], start=1)],
         )
-    return rows
+        for k in range(len(played["user_id"]))
+    ]
 
 
 def write_episode_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist(rows, schema=EPISODE_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)
+    """Episode rows as a Parquet dataset directory ``path`` (the form LLM evaluations write too)."""
+    return write_episodes(rows, path)

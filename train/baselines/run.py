@@ -3,7 +3,7 @@ methods, write its episodes where the report finds them.
 
 Per algorithm: ``<run>/baselines/<algo>/`` holds the RLlib checkpoint, ``summary.json`` and a
 stage marker (an algorithm whose inputs did not change is skipped); ``<run>/eval/<algo>/`` holds
-``episodes.parquet`` (the rollout episode schema) and ``summary.json``. Offline methods share the
+``episodes/`` (the rollout episode schema) and ``summary.json``. Offline methods share the
 logged episodes in ``<run>/baselines/logged/``.
 """
 
@@ -62,7 +62,7 @@ def _baselines_settings(cfg: Config) -> dict[str, Any]:
 
 
 def _data_file(cfg: Config, name: str) -> Path | None:
-    path = cfg.run_dir / "data" / name
+    path = cfg.layout.data_file(name)
     return path if path.is_file() else None
 
 
@@ -151,9 +151,9 @@ def evaluate_baseline(
     sample = algo_name in POLICY_ALGOS and cfg.baselines.eval_sample_policy
     played = run_episodes(module, test_env, users, list(cfg.eval.seeds), sample=sample)
     rows = episode_rows(played, run=cfg.run.name, policy=algo_name, split="test", titles=titles)
-    method_dir = cfg.run_dir / "eval" / algo_name
-    write_episode_rows(rows, method_dir / "episodes.parquet")
-    summary = summarize_episodes(pd.read_parquet(method_dir / "episodes.parquet"))
+    method_dir = cfg.layout.eval_method(algo_name)
+    episodes = write_episode_rows(rows, cfg.layout.eval_episodes(algo_name))
+    summary = summarize_episodes(pd.read_parquet(episodes))
     summary.update(method=algo_name, label=algo_name.upper(), acting="sample" if sample else "greedy")
     return summary
 
@@ -170,7 +170,7 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
     # workers may not share our working directory: every path of this stage is absolute.
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})})
     b = cfg.baselines
-    out_root = cfg.run_dir / "baselines"
+    out_root = cfg.layout.baselines
     train_dir = simulator_path(cfg, "train")
     train_model = load_simulator(cfg, "train")
     protocol = train_protocol(cfg)
@@ -242,7 +242,7 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
             summary["budget"] = {"unit": budget.unit, "planned": budget.total, "done": int(done)}
             summary["train_s"] = train_s
             summary["eval_s"] = time.perf_counter() - started
-            write_json(cfg.run_dir / "eval" / algo_name / "summary.json", summary)
+            write_json(cfg.layout.eval_method(algo_name) / "summary.json", summary)
             write_json(algo_dir / "summary.json", summary)
             mark_stage_done(algo_dir, input_hash)
             logger.log({f"{algo_name}/eval_len_mean": summary["len_mean"], f"{algo_name}/eval_reward_mean": summary["reward_mean"]})

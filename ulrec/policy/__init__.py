@@ -42,7 +42,7 @@ def resolve_model_dir(cfg) -> Path:
         return Path(cfg.policy.model).expanduser()
     if cfg.model.source == "hf":
         return Path(cfg.model.path).expanduser()
-    return cfg.run_dir / "model" / "base"
+    return cfg.layout.base_model
 
 
 def make_policy(policy_cfg, model_dir: str | Path, titles: list[str] | None = None) -> Policy:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ulrec.config import EnvConfigSection
 from ulrec.errors import InputError
+from ulrec.episodes import TRUNCATED
 from ulrec.simulator.env import EXIT_REASONS, EchoChamberEnv, EnvConfig
 from ulrec.simulator.user_models import UserModel
 
@@ -50,7 +51,7 @@ def random_policy_exits(
         "users": int(len(users)),
         "mean_length": float(env.lengths.mean()),
         "mean_reward": float(env.total_rewards.mean()),
-        "exit_shares": {r: float(np.mean(reasons == r)) for r in (*EXIT_REASONS, "horizon")},
+        "exit_shares": {r: float(np.mean(reasons == r)) for r in (*EXIT_REASONS, TRUNCATED)},
     }
 
 

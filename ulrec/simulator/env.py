@@ -25,16 +25,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ulrec.episodes import ENV_EXITS, STAY as STAY_REASON, TRUNCATED
 from ulrec.errors import InputError
 from ulrec.simulator.user_models import UserModel, as_index_array
 
-REASONS = ("stay", "repeat", "low_reward", "similar", "horizon", "done")
+# Step outcomes as small integers for the arrays; "done" marks users whose episode already ended.
+REASONS = (STAY_REASON, *ENV_EXITS, TRUNCATED, "done")
 STAY, REPEAT, LOW_REWARD, SIMILAR, HORIZON, DONE = range(len(REASONS))
 _REASON_NAMES = np.array(REASONS, dtype=object)
 # Exit reason per episode; "" (index STAY) while it is running.
 _EXIT_NAMES = np.array(("",) + REASONS[1:], dtype=object)
 # Reasons that end an episode by the user leaving (horizon is a truncation, not an exit).
-EXIT_REASONS = ("repeat", "low_reward", "similar")
+EXIT_REASONS = ENV_EXITS
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ _RATING_COLUMNS = ["user_id", "item_id", "rating"]
 
 
 def simulators_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "simulators"
+    return cfg.layout.simulators
 
 
 def simulator_path(cfg: Config, split: str) -> Path:
@@ -108,7 +108,7 @@ def _build_user_models(cfg: Config) -> dict[str, UserModel]:
 
     from ulrec.simulator.deepfm import DeepFMUserModel
 
-    data_dir = cfg.run_dir / "data"
+    data_dir = cfg.layout.data
     frames = {s: _read_ratings(data_dir / f"{s}.parquet") for s in SPLITS}
     n_users, n_items = _catalogue_sizes(data_dir, frames)
     models: dict[str, UserModel] = {}
