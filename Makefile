@@ -7,12 +7,7 @@ CONFIG ?= configs/quickstart.yaml
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-export HF_HUB_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
-export RAY_TRAIN_ENABLE_PRINT_PATCH ?= 0
-export TOKENIZERS_PARALLELISM ?= false
-export VLLM_CPU_KVCACHE_SPACE ?= 1
-export RAY_AUTH_MODE ?= disabled
+# The offline / quiet process environment is set by ulrec.runtime_env (CLI, tests, benchmarks).
 
 .PHONY: setup run test test-fast bench clean
 

@@ -10,12 +10,12 @@ ratio, and the vLLM constrained-decoding cost; everything is measured in this on
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from ulrec.runtime_env import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 
 def _timed(policy, prompts, seeds):

@@ -30,14 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_AUTH_MODE": "disabled",
-    "WANDB_MODE": "offline",
-}.items():
-    os.environ.setdefault(_key, _value)
+from ulrec.runtime_env import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402

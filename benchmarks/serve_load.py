@@ -120,9 +120,9 @@ def main() -> int:
     started_here = args.url is None
     batch_stats = None
     if started_here:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        from ulrec.runtime_env import apply_defaults
+
+        apply_defaults()
         from ray import serve
 
         from serve.api import resolve_token

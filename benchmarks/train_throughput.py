@@ -31,14 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_AUTH_MODE": "disabled",
-}.items():
-    os.environ.setdefault(_key, _value)
+from ulrec.runtime_env import apply_defaults  # noqa: E402
+
+apply_defaults(extra={"WANDB_MODE": "disabled"})
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

