@@ -6,6 +6,6 @@
 - :mod:`rollout.shard`: ``UserShard``, batched envs over a slice of the episodes; ``Lane``, the
   step logic.
 - :mod:`rollout.episode`: per-episode state, the Parquet row schema ``EPISODE_SCHEMA``, summary.
-- :mod:`rollout.ray_utils`: ``init_ray(cfg)`` (shared with train/ and serve/).
+- ``init_ray(cfg)`` lives in :mod:`ulrec.ray_session` (shared with train/ and serve/).
 - :mod:`rollout.evaluate`: ``ulrec eval`` on top of ``run_rollout``.
 """

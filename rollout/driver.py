@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from rollout.episode import EpisodeLabels, RolloutSummary
-from rollout.ray_utils import init_ray, wait_until_alive
+from ulrec.ray_session import init_ray, wait_until_alive
 from rollout.replica import PolicyReplica, TitleGrounder
 from rollout.shard import EpisodeSpec, ShardReport, UserShard
 from ulrec.checks import check_model_dir

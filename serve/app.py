@@ -254,7 +254,7 @@ def build_app(cfg: Config):
 def start(cfg: Config) -> DeploymentHandle:
     """Start Ray (per ``cfg.ray``) and Serve on ``serve.host:serve.port``; deploy; return the
     ingress handle once every replica is up."""
-    from rollout.ray_utils import init_ray
+    from ulrec.ray_session import init_ray
 
     app = build_app(cfg)
     init_ray(cfg)

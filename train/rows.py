@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rollout.ray_utils import init_ray
+from ulrec.ray_session import init_ray
 from train.common import path_fingerprint
 from ulrec.config import Config, FeedbackConfig, section_hash
 from ulrec.errors import DataError

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from rollout.ray_utils import init_ray
+from ulrec.ray_session import init_ray
 from train.common import path_fingerprint
 from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling, section_hash
 from ulrec.errors import DataError

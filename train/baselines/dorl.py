@@ -31,9 +31,7 @@ import numpy as np
 from ulrec.config import Config
 from ulrec.errors import InputError
 from ulrec.io import atomic_path
-from ulrec.simulator import UserModel
-
-from train.baselines.env import cached_user_model
+from ulrec.simulator import UserModel, cached_user_model
 
 # Matrix ensembles: rank of each member and share of entries each bootstrap keeps.
 MATRIX_RANK = 16

@@ -12,7 +12,6 @@ evaluation use it, so offline data, online training and evaluation see identical
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,12 @@ import numpy as np
 from ray.tune.registry import register_env
 
 from ulrec.config import Config
-from ulrec.simulator import EnvConfig, UserModel, load_user_model
+from ulrec.simulator import EnvConfig, cached_user_model
 from ulrec.simulator.gym_env import EchoChamberGymEnv
 
+from train.baselines.dorl import DORLRewardWrapper
+
 ENV_NAME = "ulrec-baselines/EchoChamber-v0"
-
-
-@functools.lru_cache(maxsize=8)
-def cached_user_model(directory: str) -> UserModel:
-    """One loaded user model per directory and process (sub-envs share it read-only)."""
-    return load_user_model(directory)
 
 
 def make_env(env_config: dict[str, Any]) -> Any:
@@ -40,8 +35,6 @@ def make_env(env_config: dict[str, Any]) -> Any:
     model_dir = options.pop("user_model_dir")
     env = EchoChamberGymEnv(user_model=cached_user_model(str(model_dir)), **options)
     if dorl:
-        from train.baselines.dorl import DORLRewardWrapper
-
         env = DORLRewardWrapper(env, **dorl)
     return env
 

@@ -164,7 +164,7 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
 
     Returns per algorithm Len and Traj Reward (mean ± std over eval seeds) and the budget used.
     """
-    from rollout.ray_utils import init_ray
+    from ulrec.ray_session import init_ray
 
     # RLlib takes checkpoint and data paths as URIs (a relative path is an error there), and its
     # workers may not share our working directory: every path of this stage is absolute.

@@ -28,7 +28,8 @@ from ulrec.simulator.env import (
     exit_reason,
     reference_episode,
 )
-from ulrec.simulator.user_models import MatrixUserModel, UserModel, load_user_model, rating_column_distances
+from ulrec.simulator.loading import cached_user_model, load_user_model
+from ulrec.simulator.user_models import MatrixUserModel, UserModel, rating_column_distances
 
 __all__ = [
     "EXIT_REASONS",

@@ -21,7 +21,8 @@ from ulrec.errors import DataError
 from ulrec.io import STAGE_FILE, mark_stage_done, read_json, stage_done, write_json
 from ulrec.simulator.calibration import calibrate, resolve_distance_threshold
 from ulrec.simulator.env import EchoChamberEnv, EnvConfig
-from ulrec.simulator.user_models import META_FILE, MatrixUserModel, UserModel, load_user_model
+from ulrec.simulator.loading import load_user_model
+from ulrec.simulator.user_models import META_FILE, MatrixUserModel, UserModel
 
 SPLITS = ("train", "test")
 CALIBRATION_FILE = "calibration.json"

@@ -33,7 +33,8 @@ from gymnasium import spaces
 
 from ulrec.errors import InputError
 from ulrec.simulator.env import EchoChamberEnv, EnvConfig
-from ulrec.simulator.user_models import UserModel, as_index_array, load_user_model
+from ulrec.simulator.loading import load_user_model
+from ulrec.simulator.user_models import UserModel, as_index_array
 
 ENV_ID = "ulrec/EchoChamber-v0"
 _ENV_FIELDS = {f.name for f in fields(EnvConfig)}

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ulrec.errors import DataError, InputError
-from ulrec.io import atomic_path, read_json
+from ulrec.io import atomic_path
 
 META_FILE = "meta.json"
 # Rows checked at once when validating big (possibly memory-mapped) matrices.
@@ -369,22 +369,3 @@ def _read_published_users(path: Path) -> tuple[list[int] | None, list[list[str]]
     except (ValueError, TypeError, KeyError) as exc:
         raise DataError(f"{path}: expected a list of records with userid_encoded ({exc!r})") from None
     return users, histories
-
-
-def load_user_model(directory: str | Path) -> UserModel:
-    """Load a user model saved with ``save`` (any kind)."""
-    directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: file not found (no saved user model in {directory})")
-    meta = read_json(meta_path)
-    kind = meta.get("kind")
-    if kind == "matrix":
-        return MatrixUserModel._load(directory)
-    if kind == "published":
-        return MatrixUserModel.from_published(meta["directory"], meta["dataset"], meta["split"])
-    if kind == "deepfm":
-        from ulrec.simulator.deepfm import DeepFMUserModel
-
-        return DeepFMUserModel._load(directory, meta)
-    raise DataError(f"{meta_path}: unknown user model kind {kind!r}")

@@ -1,4 +1,5 @@
-"""Starting or joining Ray from the config (shared by rollout/, train/ and serve/)."""
+"""Starting or joining a Ray session from the config, and waiting for actors (used by rollout/, train/ and serve/;
+Ray-agnostic otherwise: nothing here knows about those layers)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ _FORWARDED_ENV = (
     "HF_DATASETS_OFFLINE",
     "TOKENIZERS_PARALLELISM",
     "WANDB_MODE",
+    "WANDB_SILENT",
     "VLLM_CPU_KVCACHE_SPACE",
     "VLLM_CPU_OMP_THREADS_BIND",
     "VLLM_ENABLE_V1_MULTIPROCESSING",
