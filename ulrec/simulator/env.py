@@ -1,6 +1,6 @@
 """The echo-chamber environment: the exit protocol, batched over many users at once.
 
-Exit protocol (DESIGN.md; order matters), for one user at step j with recommended item a_j:
+Exit protocol (docs/architecture.md; order matters), for one user at step j with recommended item a_j:
 
 1. a_j was already recommended earlier in this episode            → exit "repeat"
 2. reward(u, a_j) < reward_threshold                               → exit "low_reward"

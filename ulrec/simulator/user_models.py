@@ -1,12 +1,12 @@
 """User models: reward(user, item) and distance(item, item), scored for batches of pairs.
 
-A user model answers two questions for the echo-chamber environment (DESIGN.md, "Simulated
-users"): how much user u likes item i (``reward``) and how far apart two items are
+A user model answers two questions for the echo-chamber environment (docs/architecture.md, "The exit
+protocol"): how much user u likes item i (``reward``) and how far apart two items are
 (``distance``). Both take equal-length integer arrays and score the pairs element-wise, so the
 environment can ask for thousands of users at once without any dense user×item matrix being built.
 
 Saved user models are directories holding ``meta.json`` (its ``kind`` picks the loader) plus the
-arrays; :func:`load_user_model` reads any of them back.
+arrays; :func:`ulrec.simulator.loading.load_user_model` reads any of them back.
 """
 
 from __future__ import annotations
