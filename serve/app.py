@@ -251,6 +251,31 @@ def build_app(cfg: Config):
     )
 
 
+def builder_config(args: dict[str, str] | None) -> Config:
+    """The config of :func:`app_builder`'s arguments: ``config`` (a YAML file), ``checkpoint`` (the
+    model directory, as ``ulrec serve --checkpoint``) and any dotted override (``serve.num_replicas=2``)."""
+    from ulrec.config import load_config
+
+    args = dict(args or {})
+    config = args.pop("config", None)
+    checkpoint = args.pop("checkpoint", None)
+    overrides = [f"{key}={value}" for key, value in args.items()]
+    if checkpoint:
+        overrides.append(f"serve.checkpoint={checkpoint}")
+    return load_config(config, overrides)
+
+
+def app_builder(args: dict[str, str]):
+    """Serve's application builder, for ``serve run`` / ``serve build`` / ``serve deploy``::
+
+        serve run serve.app:app_builder config=configs/quickstart.yaml checkpoint=runs/quickstart/checkpoints/kto
+
+    The same application as ``ulrec serve``. The proxy's HTTP options (host, port, timeouts) belong
+    to the Serve instance, so with ``serve run`` they come from its flags or the deployment YAML
+    (``configs/serve_deployment.yaml``), not from ``serve.*`` of the config."""
+    return build_app(builder_config(args))
+
+
 def start(cfg: Config) -> DeploymentHandle:
     """Start Ray (per ``cfg.ray``) and Serve on ``serve.host:serve.port``; deploy; return the
     ingress handle once every replica is up."""

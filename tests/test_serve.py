@@ -391,3 +391,31 @@ def test_failing_model_is_503_and_its_handle_errors_are_wrapped():
     resp = client.post("/v1/recommend", json={"history": [0]})
     assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
     assert client.get("/healthz").status_code == 503
+
+
+def test_app_builder_reads_config_checkpoint_and_overrides(tmp_path: Path):
+    from serve.app import app_builder, builder_config
+
+    cfg = builder_config({"config": "configs/quickstart.yaml", "checkpoint": str(tmp_path / "ckpt"),
+                          "serve.num_replicas": "2", "run.root": str(tmp_path)})
+    assert cfg.serve.checkpoint == str(tmp_path / "ckpt") and cfg.serve.num_replicas == 2 and cfg.run.name == "quickstart"
+    with pytest.raises(InputError, match="serve.checkpoint"):  # checked before any replica starts
+        app_builder({"checkpoint": str(tmp_path / "missing")})
+
+
+def test_serve_deployment_yaml_is_a_valid_serve_config_for_our_builder():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import builder_config
+    from serve.limits import proxy_http_options
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(Path("configs/serve_deployment.yaml").read_text()))
+    (app,) = spec.applications
+    assert app.import_path == "serve.app:app_builder"
+    cfg = builder_config(app.args)
+    assert cfg.serve.checkpoint == "runs/quickstart/checkpoints/kto"
+    # the file's proxy options are the ones `ulrec serve` derives from the config
+    derived = proxy_http_options(cfg.serve)
+    assert spec.http_options.request_timeout_s == derived["request_timeout_s"]
+    assert spec.http_options.keep_alive_timeout_s == derived["keep_alive_timeout_s"]
