@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 from train.stages import _wandb_env
 from ulrec.config import load_config
@@ -52,3 +53,39 @@ def test_every_stage_of_a_run_shares_one_wandb_group(tmp_path, monkeypatch):
     assert wandb_mode(cfg) == "online"
     assert _wandb_env(load_config(None, ["wandb.enabled=false"]), "sft") is None
     json.dumps([r.kwargs["config"] for r in runs])  # the config travels as plain JSON
+
+
+def test_report_sends_summaries_results_table_and_plots_to_the_runs_group(tmp_path, monkeypatch):
+    from test_report import _episodes
+
+    from ulrec.episodes import write_episodes
+    from ulrec.report import RESULT_COLUMNS, build_report
+
+    runs: list[FakeRun] = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class Image:
+        def __init__(self, path):
+            self.path = path
+
+    fake = types.SimpleNamespace(init=lambda **kw: runs.append(FakeRun(**kw)) or runs[-1], Table=Table, Image=Image)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=exp2"])
+    for method, lengths in (("base", [1, 2]), ("ulrec", [4, 6])):
+        episodes = _episodes(method, {0: lengths, 1: lengths, 2: lengths})
+        write_episodes(episodes.to_dict("records"), cfg.layout.eval_episodes(method))
+        summary = __import__("ulrec.evaluation", fromlist=["x"]).summarize_episodes(episodes)
+        (cfg.layout.eval_method(method) / "summary.json").write_text(json.dumps({**summary, "method": method}))
+    build_report(cfg)
+
+    (run,) = runs
+    assert run.kwargs["group"] == "exp2" and run.kwargs["name"] == "exp2/report"
+    assert run.summary["ulrec/len_mean"] == 5.0 and run.summary["base/len_mean"] == 1.5
+    (table,) = [m["results"] for m in run.logged if "results" in m]
+    assert table.columns == RESULT_COLUMNS and [row[0] for row in table.data] == ["base", "ulrec"]
+    images = {k: v.path for m in run.logged for k, v in m.items() if k.startswith("plots/")}
+    assert "plots/exit_reasons" in images and all(Path(p).is_file() for p in images.values())

@@ -389,7 +389,34 @@ def build_report(cfg: Config) -> dict[str, Any]:
     }
     write_json(layout.results, payload)
     write_text(layout.report, report_md)
+    _log_to_wandb(cfg, results, plots, commit)
     return {"report": str(layout.report), "table": table_main(results), "results": results, "plots": plots}
+
+
+RESULT_COLUMNS = ["method", "label", "len_mean", "len_std", "reward_mean", "reward_std",
+                  *(f"exit_{r}" for r in EXIT_REASONS)]
+
+
+def result_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """One row per evaluated method, in ``RESULT_COLUMNS`` order (the W&B results table)."""
+    return [[m, _label(m), r["len_mean"], r["len_std"], r["reward_mean"], r["reward_std"],
+             *(float(r.get("exit_shares", {}).get(k, 0.0)) for k in EXIT_REASONS)]
+            for m, r in results.items()]
+
+
+def _log_to_wandb(cfg: Config, results: dict[str, dict[str, Any]], plots: dict[str, str], commit: str | None) -> None:
+    """The numbers people compare runs by, in the run's W&B group: per-method summaries
+    (``<method>/len_mean`` …), the results table and the report's plots."""
+    from ulrec.tracking import stage_logger
+
+    with stage_logger(cfg, "report", cfg.layout.logs / "report") as logger:
+        flat: dict[str, Any] = {"commit": commit or ""}
+        for method, r in results.items():
+            flat.update({f"{method}/{k}": r[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")})
+        logger.log(flat)
+        logger.summary(flat)
+        logger.table("results", RESULT_COLUMNS, result_rows(results))
+        logger.images({name: cfg.run_dir / rel for name, rel in plots.items()})
 
 
 def report_stage(cfg: Config) -> str:

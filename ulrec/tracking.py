@@ -50,6 +50,20 @@ class StageLogger:
                 if isinstance(value, (int, float, str, bool)):
                     self.wandb_run.summary[key] = value
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A ``wandb.Table`` (W&B's way to compare runs row by row); nothing without W&B."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def images(self, paths: dict[str, str | Path]) -> None:
+        """PNG files as ``wandb.Image`` under ``plots/<name>``; nothing without W&B."""
+        if self.wandb_run is not None and paths:
+            import wandb
+
+            self.wandb_run.log({f"plots/{name}": wandb.Image(str(path)) for name, path in paths.items()})
+
 
 @contextlib.contextmanager
 def stage_logger(cfg: Config, stage: str, stage_dir: str | Path, fresh: bool = True) -> Iterator[StageLogger]:
