@@ -184,6 +184,7 @@ def collect_episodes(
         PolicyReplica.options(
             num_cpus=ro.replica_num_cpus,
             num_gpus=ro.replica_num_gpus,
+            resources=dict(ro.replica_resources),
             max_restarts=ro.max_restarts,
             max_task_retries=0,
             scheduling_strategy="SPREAD",
@@ -193,7 +194,8 @@ def collect_episodes(
     num_shards = min(ro.num_shards, len(specs))
     shards = [
         UserShard.options(
-            num_cpus=ro.shard_num_cpus, max_restarts=ro.max_restarts, max_task_retries=0, scheduling_strategy="SPREAD"
+            num_cpus=ro.shard_num_cpus, resources=dict(ro.shard_resources), max_restarts=ro.max_restarts,
+            max_task_retries=0, scheduling_strategy="SPREAD",
         ).remote(
             sources.env_factory,
             PromptBuilder.from_config(cfg.policy),

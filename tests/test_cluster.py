@@ -120,3 +120,22 @@ def test_entry_config_overrides_validate(name):
 
     cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), ["ray.address=auto"])
     assert cfg.ray.address == "auto"
+
+
+@pytest.mark.parametrize("config", ["configs/steam.yaml", "configs/amazon.yaml"])
+def test_gpu_configs_ask_for_resources_their_node_types_offer(config):
+    """Each kind of work names the node type it belongs on, and that type offers the resource."""
+    from ulrec.config import load_config
+
+    cfg = load_config(str(ROOT / config), [])
+    offered = {name: t["resources"] for name, t in load_cluster()["available_node_types"].items()}
+
+    def node_types_for(asked: dict) -> set[str]:
+        return {name for name, res in offered.items() if all(res.get(k, 0) >= v for k, v in asked.items())}
+
+    assert node_types_for(cfg.rollout.replica_resources) == {"policy_gpu"}
+    assert node_types_for(cfg.rollout.shard_resources) == {"cpu_worker"}
+    for stage in (cfg.sft, cfg.kto):
+        assert node_types_for(stage.scaling.resources_per_worker) == {"trainer_gpu"}
+        # the 8 workers fit the one trainer node's 8 trainer_gpu units
+        assert stage.scaling.num_workers * stage.scaling.resources_per_worker["trainer_gpu"] <= offered["trainer_gpu"]["trainer_gpu"]

@@ -32,7 +32,7 @@ def add_gpu_node(c: Cluster):
 
 
 def add_cpu_node(c: Cluster):
-    return c.add_node(num_cpus=2, object_store_memory=NODE_MEMORY)
+    return c.add_node(num_cpus=2, resources={"rollout_cpu": 4}, object_store_memory=NODE_MEMORY)
 
 
 @pytest.fixture
@@ -90,6 +90,50 @@ def test_serve_replicas_spread_over_policy_nodes(cluster, tmp_path: Path):
 
 
 LABELS = EpisodeLabels(run="t", policy="fake", split="train")
+
+
+def nodes_with(resource: str) -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)}
+
+
+def test_each_kind_of_work_lands_on_the_node_type_it_asks_for(cluster: Cluster, tmp_path: Path):
+    """Replicas, shards and Ray Train workers ask only for CPUs plus a node-type resource (no GPU
+    requests), and still land on policy_gpu, cpu_worker and trainer_gpu nodes respectively."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from train.stages import worker_resources
+    from ulrec.config import TrainScaling
+
+    cluster.add_node(num_cpus=2, resources={"trainer_gpu": 2}, object_store_memory=NODE_MEMORY)
+    cluster.wait_for_nodes()
+    cfg = rollout_config(tmp_path, num_replicas=2, replica_num_cpus=0.5, replica_resources={"policy_gpu": 1},
+                         num_shards=2, shard_num_cpus=0.25, shard_resources={"rollout_cpu": 1})
+    seen: dict[str, set[str]] = {"replicas": set(), "shards": set()}
+
+    def record(progress) -> None:
+        if not seen["replicas"]:
+            seen["replicas"] = {node_of(r) for r in progress.replicas}
+            seen["shards"] = {node_of(s) for s in progress.shards}
+
+    collect_episodes(cfg, fake_sources(8, 8), user_ids=list(range(8)), seeds=[0], temperature=1.0,
+                     out_dir=tmp_path / "episodes", labels=LABELS, on_report=record)
+    assert len(seen["replicas"]) == 2 and seen["replicas"] <= nodes_with("policy_gpu")
+    assert seen["shards"] and seen["shards"] <= nodes_with("rollout_cpu")
+
+    marks = tmp_path / "train_nodes"
+    marks.mkdir()
+
+    def loop(config):
+        node = ray.get_runtime_context().get_node_id()
+        (Path(config["dir"]) / f"{ray.train.get_context().get_world_rank()}").write_text(node)
+
+    scaling = TrainScaling(num_workers=2, cpus_per_worker=0.5, resources_per_worker={"trainer_gpu": 1})
+    TorchTrainer(loop, train_loop_config={"dir": str(marks)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker=worker_resources(scaling)),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray_train"), name="placement")).fit()
+    train_nodes = {p.read_text() for p in marks.iterdir()}
+    assert len(list(marks.iterdir())) == 2 and train_nodes <= nodes_with("trainer_gpu")
 
 
 @pytest.mark.parametrize("victim", ["replica", "shard"])

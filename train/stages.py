@@ -330,6 +330,15 @@ def save_merged_model(trainer: Any, path: Path, is_main: bool) -> None:
         trainer.processing_class.save_pretrained(str(path))
 
 
+def worker_resources(scaling: TrainScaling) -> dict[str, float]:
+    """What each Ray Train worker asks for: its CPUs, a GPU when used, and the custom resources
+    that pin it to a node type (``resources_per_worker``)."""
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return resources
+
+
 def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: str, out_dir: Path) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -337,9 +346,7 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: s
     init_ray(cfg)
     storage = cfg.layout.ray_train.resolve()
     run_name = f"{job.name}-{input_hash}"
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(scaling)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job},

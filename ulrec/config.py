@@ -14,10 +14,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from ulrec.layout import RunLayout
@@ -38,6 +38,21 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 # --------------------------------------------------------------------------------------- run / ray
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(value)
+    if builtin:
+        raise ValueError(f"{sorted(builtin)} are set by their own keys (num_cpus/num_gpus); "
+                         "list only custom resources here")
+    negative = [k for k, v in value.items() if v < 0]
+    if negative:
+        raise ValueError(f"resource amounts must be >= 0 ({negative})")
+    return value
+
+
+# Custom Ray resources (node-type labels such as "policy_gpu") an actor or worker asks for.
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+
+
 class RunConfig(Section):
     name: str = "quickstart"
     # Every stage writes below <root>/<name>/.
@@ -275,6 +290,10 @@ class RolloutConfig(Section):
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
     shard_num_cpus: float = Field(default=0.25, ge=0)
+    # Custom Ray resources that pin actors to node types (cluster.yaml: {"policy_gpu": 1} for
+    # replicas, {"rollout_cpu": 0.25} for shards); none locally.
+    replica_resources: CustomResources = Field(default_factory=dict)
+    shard_resources: CustomResources = Field(default_factory=dict)
     # Prompts a replica takes at once.
     max_batch_size: int = Field(default=256, ge=1)
     max_restarts: int = Field(default=3, ge=0)
@@ -319,6 +338,9 @@ class LoRAConfig(Section):
 class TrainScaling(Section):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
+    # Custom Ray resources per worker that pin training to a node type (cluster.yaml:
+    # {"trainer_gpu": 1}); none locally.
+    resources_per_worker: CustomResources = Field(default_factory=dict)
     # Also the worker's torch thread count (Ray sets OMP_NUM_THREADS from it).
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=2, ge=0)
@@ -483,7 +505,7 @@ class ServeConfig(Section):
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
     # Custom Ray resources a policy replica needs (e.g. {"policy_node": 1}) to pin it to node types.
-    replica_resources: dict[str, float] = Field(default_factory=dict)
+    replica_resources: CustomResources = Field(default_factory=dict)
     # The HTTP ingress is light (validation, id lookup); it reserves a sliver of a CPU.
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0)
