@@ -399,3 +399,25 @@ def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_sess
     marker = (cfg.run_dir / "baselines" / "dqn" / "_stage.json").stat().st_mtime_ns
     assert baselines_stage(cfg) == table
     assert (cfg.run_dir / "baselines" / "dqn" / "_stage.json").stat().st_mtime_ns == marker
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_same_config_and_seed_give_the_same_baseline_episodes(tmp_path, ray_session):
+    """Two fresh runs of the stage (one online method, one offline) give identical episodes.
+    Before the replay buffers were seeded (train/baselines/seeding.py), DQN and BCQ did not."""
+    from train.baselines.run import baselines_stage
+
+    settings = {"baselines.algos": "dqn,bcq", "baselines.online_env_steps": 800, "baselines.offline_updates": 200,
+                "baselines.offline_episodes": 100, "baselines.embedding_dim": 8, "baselines.hidden": "[16]"}
+    episodes = []
+    for attempt in ("first", "second"):
+        cfg = make_run_dir(tmp_path / attempt, **settings)
+        baselines_stage(cfg)
+        episodes.append({algo: pd.read_parquet(cfg.run_dir / "eval" / algo / "episodes").drop(columns=["run"])
+                         for algo in ("dqn", "bcq")})
+    for algo in ("dqn", "bcq"):
+        first, second = episodes[0][algo], episodes[1][algo]
+        assert first["length"].tolist() == second["length"].tolist(), algo
+        items = [[s["item_id"] for s in steps] for steps in first["steps"]]
+        assert items == [[s["item_id"] for s in steps] for steps in second["steps"]], algo

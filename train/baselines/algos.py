@@ -14,6 +14,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 
 from ulrec.config import BaselinesConfig
 
+from train.baselines.seeding import SeededEpisodeReplayBuffer
 from train.baselines.a2c import A2CConfig
 from train.baselines.dqn import RecDQNConfig
 from train.baselines.env import ENV_NAME
@@ -109,7 +110,7 @@ def build_config(
                 num_steps_sampled_before_learning_starts=learning_starts,
                 training_intensity=updates_per_step * b.batch_size,
                 target_network_update_freq=max(1, int(b.target_update_updates / updates_per_step)),
-                replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 50_000},
+                replay_buffer_config={"type": SeededEpisodeReplayBuffer, "capacity": 50_000, "seed": seed},
             )
             .reporting(min_sample_timesteps_per_iteration=budget.per_call, min_time_s_per_iteration=0)
         )
@@ -156,6 +157,9 @@ def build_config(
             # One OfflinePreLearner actor with a fractional CPU: RLlib's default (2 actors × 1 CPU)
             # leaves no CPU for the Parquet read tasks on a 2-CPU Ray instance and deadlocks.
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.5},
+            # RLlib's default pre-learner buffer is unseeded (train/baselines/seeding.py).
+            prelearner_buffer_class=SeededEpisodeReplayBuffer,
+            prelearner_buffer_kwargs={"seed": seed},
         )
         .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0)
     )

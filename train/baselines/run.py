@@ -29,6 +29,7 @@ from ulrec.tracking import StageLogger, stage_logger
 
 from train.baselines.algos import OFFLINE_ALGOS, POLICY_ALGOS, budget_for, build_config
 from train.baselines.env import env_config, make_env, train_protocol
+from train.baselines.seeding import ordered_ray_data
 from train.baselines.evaluate import episode_rows, run_episodes, write_episode_rows
 from train.baselines.logged import (
     EPISODE_COLUMN,
@@ -186,7 +187,7 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
 
     init_ray(cfg)
     results: dict[str, Any] = {}
-    with torch_threads(1), stage_logger(cfg, "baselines", out_root) as logger:
+    with torch_threads(1), ordered_ray_data(), stage_logger(cfg, "baselines", out_root) as logger:
         logged_path = logged_stats = None
         needs_logs = any(a in OFFLINE_ALGOS for a in b.algos) or ("dorl" in b.algos and _data_file(cfg, "train.parquet") is None)
         if needs_logs:

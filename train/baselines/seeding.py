@@ -1,0 +1,39 @@
+"""What RLlib 2.60 leaves unseeded, seeded: the replay buffers.
+
+``EpisodeReplayBuffer.__init__`` draws from ``np.random.default_rng(seed=None)`` whatever
+``config.debugging(seed=...)`` says, so DQN's replay sampling and the OfflinePreLearner's episode
+sampling (CQL, BCQ, SQN, CRR) differed between two runs of the same config (README: DQN 6.16 →
+0.98, BCQ 9.00 → 1.00). These subclasses take the seed; everything else is RLlib's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
+
+
+class SeededEpisodeReplayBuffer(EpisodeReplayBuffer):
+    """RLlib's EpisodeReplayBuffer sampling from ``np.random.default_rng(seed)``."""
+
+    def __init__(self, *args: Any, seed: int | None = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = np.random.default_rng(seed)
+
+
+@contextlib.contextmanager
+def ordered_ray_data() -> Iterator[None]:
+    """Ray Data hands out blocks in completion order unless told otherwise; offline training reads
+    the logged episodes through it, so the order is fixed for the duration (this process's Ray Data
+    executions only)."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
