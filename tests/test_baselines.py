@@ -372,6 +372,7 @@ def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_sess
             "baselines.offline_episodes": 400,
             "baselines.embedding_dim": 16,
             "baselines.dorl_ensemble": 2,
+            "baselines.train_seeds": "[0]",
         },
     )
     table = baselines_stage(cfg)
@@ -384,7 +385,7 @@ def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_sess
         assert pq.read_schema(cfg.run_dir / "eval" / algo_name / "episodes" / "part-00000.parquet").equals(
             EPISODE_SCHEMA, check_metadata=False)
         assert len(episodes) == N_USERS * len(cfg.eval.seeds)
-        assert (cfg.run_dir / "baselines" / algo_name / "checkpoint").is_dir()
+        assert (cfg.run_dir / "baselines" / algo_name / "seed0" / "checkpoint").is_dir()
         lengths[algo_name] = float(episodes["length"].mean())
         low_exits[algo_name] = float((episodes["exit_reason"] == "low_reward").mean())
         summary = read_json(cfg.run_dir / "eval" / algo_name / "summary.json")
@@ -396,9 +397,9 @@ def test_stage_trains_every_baseline_beats_random_and_resumes(tmp_path, ray_sess
         if algo_name in ("dqn", "a2c", "dorl"):
             assert length >= random_len + 1.0, f"{algo_name} Len {length:.2f} vs random {random_len:.2f}"
     # A second run with the same inputs is a resume: nothing is retrained.
-    marker = (cfg.run_dir / "baselines" / "dqn" / "_stage.json").stat().st_mtime_ns
+    marker = (cfg.run_dir / "baselines" / "dqn" / "seed0" / "_stage.json").stat().st_mtime_ns
     assert baselines_stage(cfg) == table
-    assert (cfg.run_dir / "baselines" / "dqn" / "_stage.json").stat().st_mtime_ns == marker
+    assert (cfg.run_dir / "baselines" / "dqn" / "seed0" / "_stage.json").stat().st_mtime_ns == marker
 
 
 @pytest.mark.slow
@@ -409,7 +410,8 @@ def test_same_config_and_seed_give_the_same_baseline_episodes(tmp_path, ray_sess
     from train.baselines.run import baselines_stage
 
     settings = {"baselines.algos": "dqn,bcq", "baselines.online_env_steps": 800, "baselines.offline_updates": 200,
-                "baselines.offline_episodes": 100, "baselines.embedding_dim": 8, "baselines.hidden": "[16]"}
+                "baselines.offline_episodes": 100, "baselines.embedding_dim": 8, "baselines.hidden": "[16]",
+                "baselines.train_seeds": "[0]"}
     episodes = []
     for attempt in ("first", "second"):
         cfg = make_run_dir(tmp_path / attempt, **settings)
@@ -421,3 +423,32 @@ def test_same_config_and_seed_give_the_same_baseline_episodes(tmp_path, ray_sess
         assert first["length"].tolist() == second["length"].tolist(), algo
         items = [[s["item_id"] for s in steps] for steps in first["steps"]]
         assert items == [[s["item_id"] for s in steps] for steps in second["steps"]], algo
+
+    # A second training seed: only it trains (each seed has its own resume key); the summary's ±
+    # is now over the training seeds, and seed 0's numbers are those of the runs above.
+    cfg = make_run_dir(tmp_path / "second", **{**settings, "baselines.train_seeds": "[0,1]"})
+    mtime = (cfg.run_dir / "baselines" / "dqn" / "seed0" / "_stage.json").stat().st_mtime_ns
+    table = baselines_stage(cfg)
+    assert (cfg.run_dir / "baselines" / "dqn" / "seed0" / "_stage.json").stat().st_mtime_ns == mtime
+    for algo in ("dqn", "bcq"):
+        summary = read_json(cfg.run_dir / "eval" / algo / "summary.json")
+        assert summary["std_over"] == "training seeds" and summary["train_seeds"] == [0, 1]
+        per = summary["per_train_seed"]
+        assert per["0"]["len_mean"] == pytest.approx(episodes[0][algo].groupby("seed")["length"].mean().mean())
+        assert summary["len_mean"] == pytest.approx((per["0"]["len_mean"] + per["1"]["len_mean"]) / 2)
+        pooled = pd.read_parquet(cfg.run_dir / "eval" / algo / "episodes")
+        assert len(pooled) == 2 * len(episodes[0][algo])  # both seeds' episodes, for the plots
+        assert table[algo]["Len"].startswith(f"{summary['len_mean']:.2f} ± {summary['len_std']:.2f}")
+
+
+def test_summary_over_training_seeds_is_mean_and_sample_std_of_their_means():
+    from train.baselines.run import over_train_seeds
+
+    per_seed = {0: {"len_mean": 2.0, "len_std": 0.3, "reward_mean": 6.0, "reward_std": 0.4},
+                3: {"len_mean": 4.0, "len_std": 0.1, "reward_mean": 10.0, "reward_std": 0.2}}
+    summary = over_train_seeds(per_seed, {"exit_shares": {"repeat": 1.0}})
+    assert summary["len_mean"] == 3.0 and summary["len_std"] == pytest.approx(2 ** 0.5)
+    assert summary["reward_mean"] == 8.0 and summary["exit_shares"] == {"repeat": 1.0}
+    assert summary["train_seeds"] == [0, 3] and summary["std_over"] == "training seeds"
+    single = over_train_seeds({0: per_seed[0]}, {})
+    assert (single["len_std"], single["reward_std"]) == (0.3, 0.4) and single["std_over"] == "evaluation seeds"

@@ -438,6 +438,10 @@ class BaselinesConfig(Section):
     algos: list[Literal["dqn", "a2c", "dorl", "cql", "bcq", "crr", "sqn"]] = Field(
         default_factory=lambda: ["dqn", "a2c", "cql", "bcq", "crr", "sqn", "dorl"]
     )
+    # Each method trains once per seed (RLlib's debugging seed); the report shows mean ± std over
+    # these (the variance that matters: greedy policies on a fixed simulator give ± 0 over
+    # evaluation seeds). The logged data of the offline methods stays the one of run.seed.
+    train_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     gamma: float = Field(default=0.9, ge=0, le=1)
     lr: float = Field(default=1e-3, gt=0)
     hidden: list[int] = Field(default_factory=lambda: [64, 64])

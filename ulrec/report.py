@@ -271,6 +271,10 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
         bl = cfg.baselines
         md.append("- RL baselines: " + ", ".join(f"{k} {getattr(bl, k)}" for k in BASELINE_BUDGET_KEYS)
                   + " (EasyRL4Rec: 100k gradient updates / env steps)")
+        over = {m: results[m].get("std_over", "evaluation seeds") for m in BASELINE_ORDER if m in results}
+        seeds = sorted({tuple(results[m].get("train_seeds", [])) for m in over})
+        md.append(f"- RL baselines' ± : over {', '.join(sorted(set(over.values())))}"
+                  + (f" (training seeds {', '.join(str(list(s)) for s in seeds)})" if any(seeds) else ""))
     timings_path = RunLayout(run_dir).timings
     if timings_path.is_file():
         timings = read_json(timings_path)

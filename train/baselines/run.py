@@ -17,10 +17,15 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from ulrec.config import Config, section_hash
+from ulrec.console import progress_bar
+from ulrec.episodes import EPISODE_SCHEMA
+from ulrec.episodes import write_episodes as write_episode_dataset
+from ulrec.layout import EPISODES_DIR
 from ulrec.evaluation import select_eval_users, summarize_episodes
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
 from ulrec.simulator import EchoChamberEnv, UserModel
@@ -59,7 +64,33 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _baselines_settings(cfg: Config) -> dict[str, Any]:
-    return cfg.baselines.model_dump(mode="json", exclude={"algos", "enabled"})
+    # Each training seed has its own resume key, so adding a seed trains only that one.
+    return cfg.baselines.model_dump(mode="json", exclude={"algos", "enabled", "train_seeds"})
+
+
+def over_train_seeds(per_seed: dict[int, dict[str, Any]], pooled: dict[str, Any]) -> dict[str, Any]:
+    """One method's summary across training seeds: Len and Traj Reward as mean ± sample std over
+    the seeds' evaluation means (each itself a mean over eval seeds); exit and grounding shares of
+    all the seeds' episodes (``pooled``)."""
+    import numpy as np
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        arr = np.asarray(values, dtype=float)
+        return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+    seeds = sorted(per_seed)
+    len_mean, len_std = mean_std([per_seed[s]["len_mean"] for s in seeds])
+    reward_mean, reward_std = mean_std([per_seed[s]["reward_mean"] for s in seeds])
+    if len(seeds) == 1:  # one training seed: the ± stays the one over evaluation seeds
+        len_std, reward_std = per_seed[seeds[0]]["len_std"], per_seed[seeds[0]]["reward_std"]
+    return {
+        **pooled,
+        "len_mean": len_mean, "len_std": len_std, "reward_mean": reward_mean, "reward_std": reward_std,
+        "std_over": "training seeds" if len(seeds) > 1 else "evaluation seeds",
+        "train_seeds": seeds,
+        "per_train_seed": {str(s): {k: per_seed[s][k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}
+                           for s in seeds},
+    }
 
 
 def _data_file(cfg: Config, name: str) -> Path | None:
@@ -125,7 +156,7 @@ def train_algorithm(
     """Run ``algo.train()`` until the budget is spent; returns the algorithm and the amount done."""
     algo = config.build_algo()
     done = 0
-    with tqdm(total=budget_total, desc=f"baseline {algo_name}", disable=not progress, unit="step" if online else "upd") as bar:
+    with progress_bar(total=budget_total, desc=f"baseline {algo_name}", enabled=progress, unit="step" if online else "upd") as bar:
         while done < budget_total:
             result = algo.train()
             new = (
@@ -147,15 +178,60 @@ def load_trained_module(checkpoint: Path) -> Any:
 
 # ------------------------------------------------------------------------------------- evaluation
 def evaluate_baseline(
-    cfg: Config, algo_name: str, module: Any, test_env: EchoChamberEnv, users: list[int], titles: list[str] | None
+    cfg: Config, algo_name: str, module: Any, test_env: EchoChamberEnv, users: list[int], titles: list[str] | None,
+    out_dir: Path,
 ) -> dict[str, Any]:
+    """The test-simulator episodes of one trained module into ``out_dir`` (a dataset directory)."""
     sample = algo_name in POLICY_ALGOS and cfg.baselines.eval_sample_policy
     played = run_episodes(module, test_env, users, list(cfg.eval.seeds), sample=sample)
     rows = episode_rows(played, run=cfg.run.name, policy=algo_name, split="test", titles=titles)
-    method_dir = cfg.layout.eval_method(algo_name)
-    episodes = write_episode_rows(rows, cfg.layout.eval_episodes(algo_name))
+    episodes = write_episode_rows(rows, out_dir)
     summary = summarize_episodes(pd.read_parquet(episodes))
     summary.update(method=algo_name, label=algo_name.upper(), acting="sample" if sample else "greedy")
+    return summary
+
+
+def _train_one_seed(
+    cfg: Config, algo_name: str, train_seed: int, seed_dir: Path, env_config_: dict[str, Any],
+    logged_path: Path | None, logged_stats: dict[str, Any] | None, probe: Any, test_env: EchoChamberEnv,
+    users: list[int], titles: list[str] | None, logger: Any,
+) -> dict[str, Any]:
+    """Train ``algo_name`` with RLlib seed ``train_seed``, checkpoint it and evaluate it."""
+    b = cfg.baselines
+    budget = budget_for(algo_name, b)
+    online = algo_name not in OFFLINE_ALGOS
+    config = build_config(
+        algo_name,
+        b,
+        seed=train_seed,
+        env_config=env_config_ if online else None,
+        logged_path=str(logged_path) if not online else None,
+        observation_space=probe.observation_space,
+        action_space=probe.action_space,
+        logged_steps_per_episode=(
+            logged_stats["transitions"] / max(logged_stats["episodes"], 1) if logged_stats else 4.0
+        ),
+    )
+    started = time.perf_counter()
+    algo, done = train_algorithm(algo_name, config, budget.total, budget.per_call, online, logger, cfg.run.progress)
+    train_s = time.perf_counter() - started
+    checkpoint = seed_dir / "checkpoint"
+    with atomic_path(checkpoint) as tmp:
+        algo.save_to_path(tmp)
+    algo.stop()
+    # Drop the algorithm (and its Ray Data iterators) while Ray is still up.
+    del algo
+    gc.collect()
+
+    started = time.perf_counter()
+    summary = evaluate_baseline(cfg, algo_name, load_trained_module(checkpoint), test_env, users, titles,
+                                seed_dir / EPISODES_DIR)
+    summary["budget"] = {"unit": budget.unit, "planned": budget.total, "done": int(done)}
+    summary["train_s"] = train_s
+    summary["eval_s"] = time.perf_counter() - started
+    summary["train_seed"] = train_seed
+    write_json(seed_dir / "summary.json", summary)
+    logger.log({f"{algo_name}/seed{train_seed}/eval_len_mean": summary["len_mean"]})
     return summary
 
 
@@ -195,58 +271,47 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
             logger.log({f"logged/{k}": v for k, v in logged_stats.items()})
         for algo_name in b.algos:
             algo_dir = out_root / algo_name
-            input_hash = section_hash(
-                cfg, "data", "simulator", "env",
-                extra={
-                    "algo": algo_name,
-                    "baselines": _baselines_settings(cfg),
-                    "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
-                    "seed": cfg.run.seed,
-                },
-            )
-            if stage_done(algo_dir, input_hash) and (algo_dir / "summary.json").is_file():
-                results[algo_name] = read_json(algo_dir / "summary.json")
-                continue
-            budget = budget_for(algo_name, b)
-            online = algo_name not in OFFLINE_ALGOS
             algo_env_config = base_env_config
             if algo_name == "dorl":
                 from train.baselines.dorl import prepare_dorl
 
                 sequences = logged_sequences(logged_path) if logged_path is not None else []
                 algo_env_config = {**base_env_config, "dorl": prepare_dorl(cfg, train_dir, train_model, sequences, algo_dir / "dorl")}
-            config = build_config(
-                algo_name,
-                b,
-                seed=cfg.run.seed,
-                env_config=algo_env_config if online else None,
-                logged_path=str(logged_path) if not online else None,
-                observation_space=probe.observation_space,
-                action_space=probe.action_space,
-                logged_steps_per_episode=(
-                    logged_stats["transitions"] / max(logged_stats["episodes"], 1) if logged_stats else 4.0
-                ),
-            )
-            started = time.perf_counter()
-            algo, done = train_algorithm(algo_name, config, budget.total, budget.per_call, online, logger, cfg.run.progress)
-            train_s = time.perf_counter() - started
-            checkpoint = algo_dir / "checkpoint"
-            with atomic_path(checkpoint) as tmp:
-                algo.save_to_path(tmp)
-            algo.stop()
-            # Drop the algorithm (and its Ray Data iterators) while Ray is still up.
-            del algo
-            gc.collect()
-
-            started = time.perf_counter()
-            summary = evaluate_baseline(cfg, algo_name, load_trained_module(checkpoint), test_env, users, titles)
-            summary["budget"] = {"unit": budget.unit, "planned": budget.total, "done": int(done)}
-            summary["train_s"] = train_s
-            summary["eval_s"] = time.perf_counter() - started
+            per_seed: dict[int, dict[str, Any]] = {}
+            for train_seed in b.train_seeds:
+                seed_dir = algo_dir / f"seed{train_seed}"
+                input_hash = section_hash(
+                    cfg, "data", "simulator", "env",
+                    extra={
+                        "algo": algo_name,
+                        "baselines": _baselines_settings(cfg),
+                        "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
+                        "seed": cfg.run.seed,
+                        "train_seed": train_seed,
+                    },
+                )
+                if stage_done(seed_dir, input_hash) and (seed_dir / "summary.json").is_file():
+                    per_seed[train_seed] = read_json(seed_dir / "summary.json")
+                    continue
+                per_seed[train_seed] = _train_one_seed(
+                    cfg, algo_name, train_seed, seed_dir, algo_env_config, logged_path, logged_stats, probe,
+                    test_env, users, titles, logger,
+                )
+                mark_stage_done(seed_dir, input_hash)
+            # The method's episodes: every training seed's, in one dataset directory.
+            pooled_table = pa.concat_tables(
+                [pq.read_table(algo_dir / f"seed{s}" / EPISODES_DIR, schema=EPISODE_SCHEMA) for s in b.train_seeds])
+            episodes = write_episode_dataset(pooled_table, cfg.layout.eval_episodes(algo_name))
+            pooled = summarize_episodes(pd.read_parquet(episodes))
+            first = per_seed[b.train_seeds[0]]
+            summary = over_train_seeds(per_seed, pooled)
+            summary.update(method=algo_name, label=algo_name.upper(), acting=first["acting"], budget=first["budget"],
+                           train_s=sum(p["train_s"] for p in per_seed.values()),
+                           eval_s=sum(p["eval_s"] for p in per_seed.values()))
             write_json(cfg.layout.eval_method(algo_name) / "summary.json", summary)
             write_json(algo_dir / "summary.json", summary)
-            mark_stage_done(algo_dir, input_hash)
-            logger.log({f"{algo_name}/eval_len_mean": summary["len_mean"], f"{algo_name}/eval_reward_mean": summary["reward_mean"]})
+            logger.log({f"{algo_name}/eval_len_mean": summary["len_mean"], f"{algo_name}/eval_len_std": summary["len_std"],
+                        f"{algo_name}/eval_reward_mean": summary["reward_mean"]})
             results[algo_name] = summary
         table = {
             name: {
