@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.metrics import NoMetrics, RequestMetrics
 from serve.catalogue import Catalogue
 from serve.limits import AdmissionControl, IngressLimits, client_key
 from serve.recommender import Query, Recommendation, RecommendationError, SessionItem
@@ -94,8 +95,10 @@ class GuardMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, limits: IngressLimits, token: str | None,
-                 prefix: str = "/v1/", open_paths: tuple[str, ...] = ("/healthz",)) -> None:
+                 prefix: str = "/v1/", open_paths: tuple[str, ...] = ("/healthz",),
+                 metrics: RequestMetrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics or NoMetrics()
         self.max_body_bytes = max_body_bytes
         self.limits = limits
         self.admission = AdmissionControl(limits)
@@ -104,7 +107,27 @@ class GuardMiddleware:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path", "") in self.open_paths:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Every answer is counted by path and status, rejections included, with its latency.
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        status = 499  # nothing sent: the client went away first (nginx's "client closed request")
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counted_send)
+        finally:
+            self.metrics.request(scope.get("path", ""), status, loop.time() - began)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("path", "") in self.open_paths:
             await self.app(scope, receive, send)
             return
         client = client_key(scope.get("client"))
@@ -279,12 +302,16 @@ def to_query(body: Any, catalogue: Catalogue) -> Query:
     return Query(history=history, session=session, k=body.k, temperature=body.temperature, seed=body.seed)
 
 
-def create_api(backend: Backend, catalogue: Catalogue, serve_cfg, *, token: str | None) -> FastAPI:
-    """The FastAPI app serving ``backend`` over ``catalogue`` with ``serve_cfg``'s limits."""
+def create_api(backend: Backend, catalogue: Catalogue, serve_cfg, *, token: str | None,
+               metrics: RequestMetrics | None = None) -> FastAPI:
+    """The FastAPI app serving ``backend`` over ``catalogue`` with ``serve_cfg``'s limits;
+    ``metrics`` records requests and recommendations (``serve/metrics.py``)."""
     RecommendRequest = request_model(RequestLimits.from_config(serve_cfg, len(catalogue)))
     limits = IngressLimits.from_config(serve_cfg)
+    metrics = metrics or NoMetrics()
     app = FastAPI(title="ULRec recommender", version="1")
-    app.add_middleware(GuardMiddleware, max_body_bytes=serve_cfg.max_body_bytes, limits=limits, token=token)
+    app.add_middleware(GuardMiddleware, max_body_bytes=serve_cfg.max_body_bytes, limits=limits, token=token,
+                       metrics=metrics)
 
     async def _unavailable(_: Request, exc: BackendUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, content={"error": str(exc)},
@@ -304,6 +331,7 @@ def create_api(backend: Backend, catalogue: Catalogue, serve_cfg, *, token: str 
     async def recommend(body: RecommendRequest) -> dict:  # type: ignore[valid-type]
         """Recommend ``k`` items the session has not seen yet (see serve/recommender.py)."""
         recs = await backend.recommend(to_query(body, catalogue))
+        metrics.recommendations(recs)
         return {"recommendations": [r.to_dict() for r in recs]}
 
     @app.get("/healthz")

@@ -201,7 +201,11 @@ class Ingress:
         self.token = token
 
     def __serve_build_asgi_app__(self):
-        return create_api(HandleBackend(self.policy), self.catalogue, self.serve_cfg, token=self.token)
+        from serve.metrics import ServeMetrics
+
+        # Created here, inside the replica: Serve tags the metrics with its deployment and replica.
+        return create_api(HandleBackend(self.policy), self.catalogue, self.serve_cfg, token=self.token,
+                          metrics=ServeMetrics())
 
 
 def _policy_options(cfg: Config) -> dict:

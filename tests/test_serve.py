@@ -419,3 +419,54 @@ def test_serve_deployment_yaml_is_a_valid_serve_config_for_our_builder():
     derived = proxy_http_options(cfg.serve)
     assert spec.http_options.request_timeout_s == derived["request_timeout_s"]
     assert spec.http_options.keep_alive_timeout_s == derived["keep_alive_timeout_s"]
+
+
+class RecordedMetrics:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+        self.sources: list[str] = []
+
+    def request(self, path, status, latency_s) -> None:
+        assert latency_s >= 0
+        self.requests.append((path, status))
+
+    def recommendations(self, recs) -> None:
+        self.sources += [r.source for r in recs]
+
+
+def test_requests_and_blocked_repeats_are_counted_by_status_and_source():
+    metrics = RecordedMetrics()
+    rec, _ = make_recommender([action("Alien (1979)"), action("Fargo (1996)")])
+    cfg = load_config(None, [])
+    client = TestClient(create_api(LocalBackend(rec), Catalogue(TITLES), cfg.serve, token="t", metrics=metrics),
+                        raise_server_exceptions=False)
+    auth = {"authorization": "Bearer t"}
+    assert client.post("/v1/recommend", json={"history": [0], "recommended": [ALIEN], "k": 1}, headers=auth).status_code == 200
+    assert client.post("/v1/recommend", json={"history": [0]}).status_code == 401
+    assert client.post("/v1/recommend", json={"history": "x"}, headers=auth).status_code == 422
+    assert client.get("/healthz").status_code == 200
+    assert metrics.requests == [("/v1/recommend", 200), ("/v1/recommend", 401), ("/v1/recommend", 422), ("/healthz", 200)]
+    assert metrics.sources == ["resampled"]  # the model repeated Alien; the repeat was blocked
+
+
+def test_serve_metrics_use_bounded_labels():
+    from serve.metrics import ServeMetrics
+
+    recorded: list[tuple[str, float, dict]] = []
+
+    class Metric:
+        def __init__(self, name, description="", tag_keys=None, boundaries=None) -> None:
+            self.name = name
+
+        def inc(self, value=1, tags=None) -> None:
+            recorded.append((self.name, value, tags or {}))
+
+        def observe(self, value, tags=None) -> None:
+            recorded.append((self.name, value, tags or {}))
+
+    module = type("M", (), {"Counter": Metric, "Histogram": Metric})
+    metrics = ServeMetrics(module)
+    metrics.request("/v1/recommend", 200, 0.5)
+    metrics.request("/../../etc/passwd", 401, 0.01)  # an attacker's path never becomes a label
+    assert [r[2] for r in recorded if r[0] == "ulrec_requests"] == [
+        {"path": "/v1/recommend", "status": "200"}, {"path": "other", "status": "401"}]
