@@ -143,35 +143,60 @@ class ShardReport:
 
 
 class _ReplicaRouter:
-    """Sends a lane's prompts to the least-loaded replica (as this shard sees it), retrying on
-    another one while a replica is down or restarting."""
+    """Sends a lane's prompts to the replica that served the lane before (its *home*), so the
+    prefix cache holding that lane's transcripts is reused; a lane gets a new home — the least
+    loaded replica as this shard sees it — on its first request, when its home is down (retrying
+    there while Ray restarts it) or when its home has more than ``slack`` prompts outstanding
+    beyond the least-loaded replica."""
 
-    def __init__(self, replicas: list, attempts: int, backoff_s: float) -> None:
+    def __init__(self, replicas: list, attempts: int, backoff_s: float, slack: int = 0) -> None:
         self.replicas = replicas
         self.outstanding = [0] * len(replicas)
         self.down_until = [0.0] * len(replicas)
         self.attempts = attempts
         self.backoff_s = backoff_s
+        self.slack = slack
+        self.home: dict[int, int] = {}
+        self.moves = 0  # lanes sent away from their home (down or overloaded)
         self._tiebreak = itertools.count()
 
-    def _pick(self) -> int:
-        now = time.monotonic()
+    def _least_loaded(self, now: float) -> int:
         turn = next(self._tiebreak)
         n = len(self.replicas)
         return min(range(n), key=lambda i: (self.down_until[i] > now, self.outstanding[i], (i - turn) % n))
 
-    async def act(self, prompts: list[str], seeds: list[int], temperature: float) -> list[GroundedAction]:
+    def _pick(self, lane: int | None = None) -> int:
+        now = time.monotonic()
+        best = self._least_loaded(now)
+        home = self.home.get(lane) if lane is not None else None
+        if home is not None:
+            usable = self.down_until[home] <= now
+            if usable and self.outstanding[home] <= self.outstanding[best] + self.slack:
+                return home
+            self.moves += 1
+        if lane is not None:
+            self.home[lane] = best
+        return best
+
+    async def act(self, prompts: list[str], seeds: list[int], temperature: float,
+                  lane: int | None = None) -> list[GroundedAction]:
         for attempt in itertools.count(1):
-            i = self._pick()
+            i = self._pick(lane)
             self.outstanding[i] += len(prompts)
             try:
                 return await self.replicas[i].act.remote(prompts, seeds, temperature)
             except RayActorError:
                 if attempt >= self.attempts:
                     raise
-                # Let Ray restart it; meanwhile prefer the other replicas.
-                self.down_until[i] = time.monotonic() + self.backoff_s * attempt
-                await asyncio.sleep(min(self.backoff_s * attempt, 5.0))
+                # Let Ray restart it; meanwhile the lane moves to another replica at once, and
+                # waits only when every replica is down.
+                now = time.monotonic()
+                self.down_until[i] = now + self.backoff_s * attempt
+                if lane is not None and self.home.get(lane) == i:
+                    del self.home[lane]
+                    self.moves += 1
+                if all(until > now for until in self.down_until):
+                    await asyncio.sleep(min(self.backoff_s * attempt, 5.0))
             finally:
                 self.outstanding[i] -= len(prompts)
 
@@ -209,7 +234,8 @@ class UserShard:
         self.lane_size = lane_size
         self.flush_episodes = flush_episodes
         self.flush_s = flush_s
-        self.router = _ReplicaRouter(replicas, request_attempts, retry_backoff_s)
+        # A lane stays on its replica unless that one has a lane's worth of prompts more queued.
+        self.router = _ReplicaRouter(replicas, request_attempts, retry_backoff_s, slack=lane_size)
 
     def ready(self) -> bool:
         return True
@@ -231,16 +257,16 @@ class UserShard:
         counters = {"steps": 0}
         changed = asyncio.Event()
 
-        async def drive(lane: Lane) -> None:
+        async def drive(lane: Lane, lane_id: int) -> None:
             while lane.num_running:
                 rows, prompts, seeds = lane.requests()
-                actions = await self.router.act(prompts, seeds, self.temperature)
+                actions = await self.router.act(prompts, seeds, self.temperature, lane=lane_id)
                 for episode in lane.apply(rows, actions):
                     outbox.append(finished_row(episode, self.labels, self.builder, self.titles))
                 counters["steps"] += len(rows)
                 changed.set()
 
-        tasks = [asyncio.create_task(drive(lane)) for lane in lanes]
+        tasks = [asyncio.create_task(drive(lane, k)) for k, lane in enumerate(lanes)]
         last_flush = time.monotonic()
         try:
             while True:

@@ -282,3 +282,52 @@ def test_actor_dead_for_good_fails_the_rollout_without_output(ray_session, tmp_p
         run(cfg, sources, list(range(40)), [0], tmp_path / "episodes", on_report=hook)
     assert state["killed_at"] is not None
     assert not (tmp_path / "episodes").exists()
+
+
+def test_lanes_keep_their_replica_until_it_fails_or_falls_behind():
+    """Lane → replica affinity (prefix-cache reuse), with fail-over and overload moves."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from rollout.shard import _ReplicaRouter
+
+    class FakeReplica:
+        def __init__(self, name):
+            self.name, self.calls, self.fail = name, [], False
+            outer = self
+
+            class Act:
+                async def remote(self, prompts, seeds, temperature):
+                    outer.calls.append(len(prompts))
+                    if outer.fail:
+                        raise RayActorError()
+                    await asyncio.sleep(0)
+                    return [outer.name] * len(prompts)
+
+            self.act = Act()
+
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router = _ReplicaRouter([a, b], attempts=3, backoff_s=0.5, slack=4)
+
+    async def rounds(n, lanes=4):
+        served = {lane: [] for lane in range(lanes)}
+        for _ in range(n):
+            answers = await asyncio.gather(*(router.act(["p"] * 2, [0, 1], 1.0, lane=lane) for lane in range(lanes)))
+            for lane, answer in enumerate(answers):
+                served[lane].append(answer[0])
+        return served
+
+    served = asyncio.run(rounds(5))
+    assert all(len(set(names)) == 1 for names in served.values())  # each lane stays home
+    assert sorted(names[0] for names in served.values()) == ["a", "a", "b", "b"]  # balanced homes
+    assert router.moves == 0
+    b.fail = True  # b dies: its lanes move to a and stay there
+    served = asyncio.run(rounds(3))
+    assert all(names == ["a"] * 3 for names in served.values())
+    assert router.moves == 2
+    # Overload: a lane whose home has more than `slack` prompts outstanding beyond the least-loaded moves.
+    b.fail = False
+    router.outstanding, router.down_until = [10, 0], [0.0, 0.0]  # b is back
+    router.home[0] = 0
+    assert router._pick(0) == 1 and router.home[0] == 1
