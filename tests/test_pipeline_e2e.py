@@ -107,6 +107,11 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
     run_dir = tmp_path / "e2e"
     for rel in STAGE_OUTPUTS:
         assert (run_dir / rel).exists(), rel
+    # A quiet terminal: headers, one line per stage, the table; library output went to the log.
+    print(first)
+    assert len(first.splitlines()) <= 80, len(first.splitlines())
+    assert "PlacementGroupCleaner" not in first and "wandb:" not in first and "INFO" not in first
+    assert "   done in " in first and "Started a local Ray instance" in (run_dir / "logs/ulrec.log").read_text()
 
     # The sweep: every cell scored on held-out train users, on the train simulator, never on test.
     sweep = json.loads((run_dir / "sweep/results.json").read_text())
