@@ -85,8 +85,14 @@ def routed(path: Path, verbose: bool = False) -> Iterator[Path | None]:
     streams = (sys.stdout, sys.stderr)
     real = [_real_fd(sys.stdout, 1), _real_fd(sys.stderr, 2)]
     for stream in streams:
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no descriptors 1/2 to route (a detached process): leave output as it is
+        log.close()
+        yield None
+        return
     # The user's streams: a copy of the terminal's descriptor, or the stream object itself when it
     # is not a descriptor (pytest's capsys).
     users = [os.fdopen(os.dup(fd), "w", buffering=1, encoding=getattr(s, "encoding", None) or "utf-8",
