@@ -14,7 +14,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 
 from ulrec.config import BaselinesConfig
 
-from train.baselines.seeding import SeededEpisodeReplayBuffer
+from train.baselines.seeding import SEEDED_BUFFER_PATH, SeededEpisodeReplayBuffer
 from train.baselines.a2c import A2CConfig
 from train.baselines.dqn import RecDQNConfig
 from train.baselines.env import ENV_NAME
@@ -110,7 +110,8 @@ def build_config(
                 num_steps_sampled_before_learning_starts=learning_starts,
                 training_intensity=updates_per_step * b.batch_size,
                 target_network_update_freq=max(1, int(b.target_update_updates / updates_per_step)),
-                replay_buffer_config={"type": SeededEpisodeReplayBuffer, "capacity": 50_000, "seed": seed},
+                # By import path: RLlib looks for "EpisodeReplayBuffer" in the type's string.
+                replay_buffer_config={"type": SEEDED_BUFFER_PATH, "capacity": 50_000, "seed": seed},
             )
             .reporting(min_sample_timesteps_per_iteration=budget.per_call, min_time_s_per_iteration=0)
         )

@@ -23,6 +23,9 @@ class SeededEpisodeReplayBuffer(EpisodeReplayBuffer):
         self.rng = np.random.default_rng(seed)
 
 
+SEEDED_BUFFER_PATH = f"{SeededEpisodeReplayBuffer.__module__}.{SeededEpisodeReplayBuffer.__qualname__}"
+
+
 @contextlib.contextmanager
 def ordered_ray_data() -> Iterator[None]:
     """Ray Data hands out blocks in completion order unless told otherwise; offline training reads
