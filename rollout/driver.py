@@ -32,16 +32,22 @@ from ulrec.ray_session import init_ray, wait_until_alive
 from rollout.replica import PolicyReplica, TitleGrounder
 from rollout.shard import EpisodeSpec, ShardReport, UserShard
 from ulrec.checks import check_model_dir
-from ulrec.config import Config, section_hash
+from ulrec.config import Config
 from ulrec.console import progress_bar
 from ulrec.errors import DataError, InputError, UlrecError
 from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done
 from ulrec.policy import Policy, make_policy, resolve_model_dir
 from ulrec.prompts import PromptBuilder
+from ulrec.resume import StageInputs, resume_key
 from ulrec.simulator.env import EchoChamberEnv
 from ulrec.simulator.fit import simulator_fingerprint
 
-STAGE_SECTIONS = ("data", "simulator", "env", "policy", "grounding", "rollout")
+# The collector model and the train simulator by content, the prepared data by its resume key.
+ROLLOUT_STAGE = StageInputs(
+    "training rollouts", ("env", "policy", "grounding", "rollout"),
+    lambda cfg, model_dir: {"data": cfg.layout.data, "model": Path(model_dir),
+                            "simulator": simulator_fingerprint(cfg, cfg.rollout.split)},
+)
 
 
 @dataclass(frozen=True)
@@ -381,16 +387,6 @@ def read_episodes_dataset(out_dir: str | Path) -> "ray.data.Dataset":
 
 
 # ------------------------------------------------------------------------------------- CLI stage
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Changes whenever the model directory is rewritten (its stage marker, else weights' mtimes)."""
-    model_dir = Path(model_dir)
-    marker = model_dir / STAGE_FILE
-    if marker.is_file():
-        return marker.read_text()
-    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
-    return ",".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in weights)
-
-
 def collector_model_dir(cfg: Config) -> Path:
     """The model that collects the training rollouts: ``rollout.collector.model`` or the base model."""
     if cfg.rollout.collector.model:
@@ -430,11 +426,8 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
         what = "rollout.collector.model" if ro.collector.model else "policy model"
         raise UlrecError(f"no {what} at {model_dir} (run `ulrec model init`, or set policy.model / rollout.collector.model)")
     check_model_dir(model_dir, "rollout.collector.model" if ro.collector.model else "policy model directory")
-    input_hash = section_hash(
-        cfg, *STAGE_SECTIONS,
-        extra=[cfg.run.seed, prepared_hash(cfg.run_dir), model_fingerprint(model_dir),
-               simulator_fingerprint(cfg, ro.split)],  # a refitted simulator answers differently
-    )
+    prepared_hash(cfg.run_dir)  # no prepared data: one line, before anything starts
+    input_hash = resume_key(ROLLOUT_STAGE, cfg, model_dir=model_dir)
     if stage_done(out_dir, input_hash):
         return {"skipped": True, **read_json(out_dir / STAGE_FILE).get("summary", {})}
     histories = load_prepared(cfg.run_dir).user_histories(ro.split)

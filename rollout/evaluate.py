@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ulrec.policy import resolve_model_dir
-from ulrec.config import Config, section_hash
+from ulrec.config import Config
 from ulrec.errors import UlrecError
 from ulrec.evaluation import (
     ABLATION_METHODS,
@@ -24,6 +24,8 @@ from ulrec.evaluation import (
 )
 from ulrec.io import mark_stage_done, read_json, stage_done, write_json
 from ulrec.layout import EPISODES_DIR
+from ulrec.resume import StageInputs, resume_key
+from ulrec.simulator.fit import simulator_fingerprint
 
 
 def method_model_dir(cfg: Config, method: str) -> Path:
@@ -48,29 +50,35 @@ def eval_methods(cfg: Config) -> list[str]:
     return methods
 
 
+# One method's evaluation: its model by content, the users and split it plays, the simulator of
+# that split (a refit or deleted simulator never serves cached results), the prepared data.
+EVAL_STAGE = StageInputs(
+    "evaluation", ("eval", "env", "policy", "grounding"),
+    lambda cfg, model_dir, users, split, collector: {
+        "model": Path(model_dir), "users": list(users), "split": split, "collector": collector,
+        "data": cfg.layout.data, "simulator": simulator_fingerprint(cfg, split)},
+)
+
+
 def evaluate_model(
     cfg: Config, method: str, model_dir: Path, users: list[int], out_root: Path | None = None,
     split: str = "test",
 ) -> dict[str, Any]:
     """Evaluate one model directory on the ``split`` simulator (the test one, except for selection
     on validation users of the train one); returns its summary (cached)."""
-    from rollout.driver import model_fingerprint, run_rollout
+    from rollout.driver import run_rollout
     from ulrec.data import prepared_hash
 
     from ulrec.checks import check_model_dir
-    from ulrec.simulator.fit import simulator_fingerprint
 
     if not (model_dir / "config.json").is_file():
         raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
     check_model_dir(model_dir, f"{method} model")
     method_dir = (out_root or cfg.layout.eval) / method
     collector = cfg.rollout.collector if method == "collector" else None
-    # The simulator is an input too: a refit (or deleted) simulator never serves cached results.
-    input_hash = section_hash(
-        cfg, "eval", "env", "policy", "grounding",
-        extra=[users, prepared_hash(cfg.run_dir), model_fingerprint(model_dir),
-               collector.model_dump() if collector else None, split, simulator_fingerprint(cfg, split)],
-    )
+    prepared_hash(cfg.run_dir)  # no prepared data: one line, before anything starts
+    input_hash = resume_key(EVAL_STAGE, cfg, model_dir=model_dir, users=users, split=split,
+                            collector=collector.model_dump() if collector else None)
     if stage_done(method_dir, input_hash):
         return read_json(method_dir / "summary.json")
     rollout_summary = run_rollout(

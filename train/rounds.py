@@ -11,14 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rollout.driver import model_fingerprint, training_rollout
+from rollout.driver import training_rollout
 from rollout.evaluate import evaluate_model
 from train.rows import rows_stage
 from train.stages import kto_stage
-from ulrec.config import Config, section_hash
+from ulrec.config import Config
 from ulrec.data import load_prepared
 from ulrec.evaluation import draw_users, eval_user_pool, select_eval_users
 from ulrec.io import mark_stage_done, read_json, stage_done, write_json
+from ulrec.resume import StageInputs, resume_key
 from ulrec.simulator.fit import simulator_fingerprint
 
 
@@ -26,9 +27,17 @@ def round_model_dir(cfg: Config, r: int) -> Path:
     return cfg.layout.round_checkpoint(r)
 
 
+# Round r's rollouts: the previous round's model by content (a retrained round keeps its path),
+# the users, and the simulator that answers.
+ROUND_ROLLOUT_STAGE = StageInputs(
+    "round rollouts", ("rollout", "env", "policy", "grounding"),
+    lambda cfg, model_dir, users: {"model": Path(model_dir), "users": list(users),
+                                   "simulator": simulator_fingerprint(cfg, "train")},
+)
+
+
 def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> None:
-    # The model by content (a retrained round keeps its path), and the simulator that answers.
-    input_hash = section_hash(cfg, "rollout", "env", "policy", "grounding", extra=[users, model_fingerprint(model_dir), simulator_fingerprint(cfg, "train")])
+    input_hash = resume_key(ROUND_ROLLOUT_STAGE, cfg, model_dir=model_dir, users=users)
     if stage_done(out_dir, input_hash):
         return
     # The tuned policy itself collects (no separate collector in later rounds).

@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ulrec.ray_session import init_ray
-from train.common import path_fingerprint
-from ulrec.config import Config, FeedbackConfig, section_hash
+from ulrec.config import Config, FeedbackConfig
 from ulrec.errors import DataError
 from ulrec.feedback import ROW_SCHEMA, episodes_table_to_rows
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.resume import StageInputs, resume_key
 from ulrec.tracking import stage_logger
 
 
@@ -88,6 +88,10 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
+# Every round's rollouts so far, each by its own resume key (what collected it, from what).
+ROWS_STAGE = StageInputs("feedback rows", ("feedback",), lambda cfg, rollout_dirs: {"rollouts": list(rollout_dirs)})
+
+
 def rows_stage(
     cfg: Config,
     rollout_dirs: Sequence[str | Path] | None = None,
@@ -101,9 +105,7 @@ def rows_stage(
     dirs = [Path(d) for d in rollout_dirs] if rollout_dirs else default_rollout_dirs(cfg)
     out = Path(out_dir) if out_dir is not None else cfg.layout.rows()
     files = [f for d in dirs for f in _parquet_files(d)]
-    input_hash = section_hash(
-        cfg, "feedback", extra={"rollouts": [f"{f}={path_fingerprint(f)}" for f in files]}
-    )
+    input_hash = resume_key(ROWS_STAGE, cfg, rollout_dirs=dirs)
     if stage_done(out, input_hash) and (out / "stats.json").is_file():
         return {**read_json(out / "stats.json"), "skipped": True}
 

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from ulrec.ray_session import init_ray
-from train.common import path_fingerprint
-from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling, section_hash
+from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling
 from ulrec.errors import DataError
 from ulrec.checks import check_model_dir, check_model_finite, check_parquet
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
 from ulrec.layout import STAGE1_CHECKPOINT, VARIANT_CHECKPOINTS
 from ulrec.policy import resolve_model_dir
+from ulrec.resume import StageInputs, resume_key
 from ulrec.tracking import wandb_mode
 
 FINAL_FILE = "final.json"  # marks the checkpoint reported after training ended
@@ -437,20 +437,21 @@ def _require(path: Path, what: str, hint: str) -> Path:
     return check_model_dir(path, what)
 
 
+def _train_inputs(cfg: Config, job: TrainJob, variant: str | None = None) -> dict[str, Any]:
+    # The rows and the initial model by content; how the prompts are rendered (chat template).
+    return {"kind": job.kind, "rows": Path(job.rows_path), "model": Path(job.model_path),
+            "chat_template": cfg.policy.chat_template, "variant": variant}
+
+
+TRAIN_STAGES = {
+    "sft": StageInputs("SFT", ("sft",), _train_inputs),
+    "kto": StageInputs("KTO", ("kto",), _train_inputs),
+}
+
+
 def _stage(cfg: Config, job: TrainJob, section_name: str, scaling: TrainScaling, out_dir: Path,
            extra_hash: dict[str, Any]) -> dict[str, Any]:
-    input_hash = section_hash(
-        cfg,
-        section_name,
-        extra={
-            "kind": job.kind,
-            "rows": path_fingerprint(job.rows_path),
-            "model": path_fingerprint(job.model_path),
-            "seed": cfg.run.seed,
-            "chat_template": cfg.policy.chat_template,
-            **extra_hash,
-        },
-    )
+    input_hash = resume_key(TRAIN_STAGES[section_name], cfg, job=job, **extra_hash)
     if stage_done(out_dir, input_hash) and (out_dir / SUMMARY_FILE).is_file():
         return {**read_json(out_dir / SUMMARY_FILE), "output": str(out_dir), "skipped": True}
     check_job(job)

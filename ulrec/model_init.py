@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ulrec.config import Config, ConfigError, section_hash
+from ulrec.config import Config, ConfigError
 from ulrec.errors import DataError
 from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done
+from ulrec.resume import StageInputs, resume_key
 from ulrec.prompts import PromptBuilder, StepView, completion_text, observation_text, parse_action
 
 # Head sizes vLLM's CPU attention supports (NOTES.md, "vLLM on this CPU").
@@ -318,7 +319,7 @@ def build_base_model(cfg: Config) -> dict:
         provenance = {"source": source, "wheel": SMOLLM2_WHEEL.requirement, "wheel_sha256": SMOLLM2_WHEEL.sha256}
     gguf_architecture(gguf_file)  # a bad file fails before anything is hashed or written
     provenance["gguf_sha256"] = sha256_file(gguf_file)
-    input_hash = section_hash(cfg, extra={"source": source, "gguf_sha256": provenance["gguf_sha256"]})
+    input_hash = resume_key(IMPORTED_MODEL_STAGE, cfg, source=source, gguf_sha256=provenance["gguf_sha256"])
     if stage_done(out_dir, input_hash):
         return {**read_json(out_dir / STAGE_FILE), "skipped": True}
     with atomic_path(out_dir) as tmp:
@@ -328,15 +329,21 @@ def build_base_model(cfg: Config) -> dict:
     return info
 
 
+# A converted model depends on the GGUF's bytes only; the embedded one on the prepared data (its
+# tokenizer and warm start), the model section and the prompt it is warm-started on.
+IMPORTED_MODEL_STAGE = StageInputs(
+    "base model (imported)", (), lambda cfg, source, gguf_sha256: {"source": source, "gguf_sha256": gguf_sha256})
+EMBEDDED_MODEL_STAGE = StageInputs(
+    "base model (embedded)", ("model",),
+    lambda cfg, template, history_length: {"data": cfg.layout.data, "template": template, "history_length": history_length})
+
+
 def build_embedded_model(cfg: Config) -> dict:
     """Build, warm-start and save the embedded base model; returns what it measured."""
     out_dir = cfg.layout.base_model
     builder = PromptBuilder.from_config(cfg.policy)
-    input_hash = section_hash(
-        # Only the run's seed: its name, root and progress display do not change the weights.
-        cfg, "data", "model",
-        extra={"template": builder.template, "history_length": builder.history_length, "seed": cfg.run.seed}
-    )
+    input_hash = resume_key(EMBEDDED_MODEL_STAGE, cfg, template=builder.template,
+                            history_length=builder.history_length)
     if stage_done(out_dir, input_hash):
         return {**read_json(out_dir / STAGE_FILE), "skipped": True}
 

@@ -21,13 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ulrec.config import Config, section_hash
+from ulrec.config import Config
 from ulrec.console import progress_bar
 from ulrec.episodes import EPISODE_SCHEMA
 from ulrec.episodes import write_episodes as write_episode_dataset
 from ulrec.layout import EPISODES_DIR
 from ulrec.evaluation import select_eval_users, summarize_episodes
 from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.resume import StageInputs, resume_key
 from ulrec.simulator import EchoChamberEnv, UserModel
 from ulrec.simulator.fit import load_env, load_simulator, simulator_path
 from ulrec.tracking import StageLogger, stage_logger
@@ -93,6 +94,24 @@ def over_train_seeds(per_seed: dict[int, dict[str, Any]], pooled: dict[str, Any]
     }
 
 
+# The logged episodes of the offline methods: the behaviour policy's settings on the train
+# simulator. Each (method, training seed): every baselines setting but the method list and the
+# seed list, the evaluation protocol, both simulators and the prepared data.
+LOGGED_STAGE = StageInputs(
+    "baselines logged data", ("env",),
+    lambda cfg: {"simulators": cfg.layout.simulators, "data": cfg.layout.data,
+                 "behaviour": [cfg.baselines.offline_episodes, cfg.baselines.behaviour_epsilon,
+                               cfg.baselines.train_max_steps]},
+)
+BASELINE_STAGE = StageInputs(
+    "baseline", ("env",),
+    lambda cfg, algo, train_seed: {
+        "algo": algo, "train_seed": train_seed, "baselines": _baselines_settings(cfg),
+        "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
+        "simulators": cfg.layout.simulators, "data": cfg.layout.data},
+)
+
+
 def _data_file(cfg: Config, name: str) -> Path | None:
     path = cfg.layout.data_file(name)
     return path if path.is_file() else None
@@ -102,10 +121,7 @@ def _data_file(cfg: Config, name: str) -> Path | None:
 def ensure_logged_data(cfg: Config, train_model: UserModel, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Behaviour-policy episodes on the train simulator as RLlib episode Parquet (cached)."""
     b = cfg.baselines
-    input_hash = section_hash(
-        cfg, "data", "simulator", "env",
-        extra=[b.offline_episodes, b.behaviour_epsilon, b.train_max_steps, cfg.run.seed],
-    )
+    input_hash = resume_key(LOGGED_STAGE, cfg)
     path = out_dir / LOGGED_FILE
     if stage_done(out_dir, input_hash) and path.is_file():
         return path, read_json(out_dir / "stats.json")
@@ -280,16 +296,7 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
             per_seed: dict[int, dict[str, Any]] = {}
             for train_seed in b.train_seeds:
                 seed_dir = algo_dir / f"seed{train_seed}"
-                input_hash = section_hash(
-                    cfg, "data", "simulator", "env",
-                    extra={
-                        "algo": algo_name,
-                        "baselines": _baselines_settings(cfg),
-                        "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
-                        "seed": cfg.run.seed,
-                        "train_seed": train_seed,
-                    },
-                )
+                input_hash = resume_key(BASELINE_STAGE, cfg, algo=algo_name, train_seed=train_seed)
                 if stage_done(seed_dir, input_hash) and (seed_dir / "summary.json").is_file():
                     per_seed[train_seed] = read_json(seed_dir / "summary.json")
                     continue

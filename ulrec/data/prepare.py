@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ulrec.config import Config, section_hash
+from ulrec.config import Config
 from ulrec.console import note
 from ulrec.data import amazon, movielens, steam
 from ulrec.data.amazon import read_amazon_book
@@ -22,6 +22,7 @@ from ulrec.data.steam import read_steam
 from ulrec.data.synthetic import generate_synthetic
 from ulrec.errors import DataError
 from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.resume import StageInputs, resume_key
 
 # Bump when the outputs for the same inputs change, so old run directories are re-prepared.
 DATA_FORMAT_VERSION = 1
@@ -51,17 +52,23 @@ def _input_files(cfg: Config) -> list[Path]:
     return []
 
 
-def data_hash(cfg: Config) -> str:
-    """Resume key of the data stage: the ``data`` section, the input files' identity (path, size,
-    mtime), the synthetic seed and the output format version."""
+def _data_inputs(cfg: Config) -> dict:
+    # Raw files by identity (path, size, mtime), not content: a Steam dump is gigabytes.
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _input_files(cfg)]
-    extra = {
+    return {
         "format": DATA_FORMAT_VERSION,
         "files": files,
         "wheel": movielens.RECBOLE_WHEEL_SHA256 if cfg.data.dataset == "ml-100k" and not cfg.data.path else None,
-        "seed": cfg.run.seed if cfg.data.dataset == "synthetic" else None,
     }
-    return section_hash(cfg, "data", extra=extra)
+
+
+DATA_STAGE = StageInputs("data", ("data",), _data_inputs)
+
+
+def data_hash(cfg: Config) -> str:
+    """Resume key of the data stage (:data:`DATA_STAGE`): the ``data`` section, the input files'
+    identity, the output format version, the seed."""
+    return resume_key(DATA_STAGE, cfg)
 
 
 def prepared_hash(run_dir: str | Path) -> str:

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ulrec.config import Config, ConfigError, section_hash
+from ulrec.config import Config, ConfigError
 from ulrec.console import progress_bar
 from ulrec.errors import DataError
 from ulrec.io import STAGE_FILE, mark_stage_done, read_json, stage_done, write_json
+from ulrec.resume import StageInputs, resume_key
 from ulrec.simulator.calibration import calibrate, resolve_distance_threshold
 from ulrec.simulator.env import EchoChamberEnv, EnvConfig
 from ulrec.simulator.loading import load_user_model
@@ -50,9 +51,12 @@ def simulator_fingerprint(cfg: Config, split: str) -> str:
     return str(read_json(marker).get("hash"))
 
 
+# The prepared data by its own resume key; the run's seed (in every key), not its name or display.
+SIMULATORS_STAGE = StageInputs("simulators", ("simulator", "env"), lambda cfg: {"data": cfg.layout.data})
+
+
 def _stage_hash(cfg: Config) -> str:
-    # Only the run's seed: its name, root and progress display do not change what is fitted.
-    return section_hash(cfg, "data", "simulator", "env", extra={"seed": cfg.run.seed})
+    return resume_key(SIMULATORS_STAGE, cfg)
 
 
 # ------------------------------------------------------------------------------------- data input
