@@ -106,12 +106,8 @@ def _stage(config: Optional[str], overrides: Optional[List[str]], stage: str) ->
     """Validate the config first (so config errors never wait on heavy imports), then run the stage
     function named ``module:function``."""
     cfg = _load(config, overrides)
-    import importlib
-
     with _routed_output(cfg):
-        module_name, fn_name = stage.split(":")
-        fn: Callable[[Config], Any] = getattr(importlib.import_module(module_name), fn_name)
-        result = fn(cfg)
+        result = _resolve(stage)(cfg)
     _show(result)
 
 
@@ -189,7 +185,7 @@ def report(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = O
 
 
 # The main job. Each stage writes under the run directory and returns at once when its outputs exist
-# for the same inputs, so an interrupted run resumes where it stopped.
+# for the same inputs (its resume key: ulrec/resume.py), so an interrupted run resumes where it stopped.
 PIPELINE = [
     ("data", "ulrec.data:prepare_data"),
     ("simulators", "ulrec.simulator.fit:fit_simulators"),
@@ -201,11 +197,17 @@ PIPELINE = [
 ]
 
 
-def _call(stage: str, cfg: Config) -> Any:
+def _resolve(stage: str) -> Callable[[Config], Any]:
+    """The stage function named ``module:function`` (imported only now: heavy layers stay unloaded
+    until a stage needs them)."""
     import importlib
 
     module_name, fn_name = stage.split(":")
-    return getattr(importlib.import_module(module_name), fn_name)(cfg)
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def _call(stage: str, cfg: Config) -> Any:
+    return _resolve(stage)(cfg)
 
 
 def _stage_line(result: Any, elapsed: float) -> str:
@@ -235,82 +237,75 @@ def _sweep_before(cfg: Config) -> str:
     return "SFT (ULRec-P)" if sft_grid(cfg) else "KTO (ULRec)"
 
 
-def run_pipeline(cfg: Config) -> str:
-    import time
+class _StepRunner:
+    """Runs the steps of ``ulrec run`` one way: a header, the stage, one result line, its time
+    (a step that did no work keeps the time of the run that did: ``timings.json``)."""
 
-    from ulrec.io import read_json
+    def __init__(self, cfg: Config) -> None:
+        from ulrec.io import read_json
 
-    timings_path = cfg.layout.timings
-    # A stage skipped in this run keeps the time of the run that did its work.
-    previous = read_json(timings_path) if timings_path.is_file() else {}
-    timings: dict[str, float] = {}
+        self.run_dir = cfg.run_dir
+        self.path = cfg.layout.timings
+        self.previous = read_json(self.path) if self.path.is_file() else {}
+        self.timings: dict[str, float] = {}
 
-    def record(name: str, started: float, wall_start: float) -> None:
+    def step(self, name: str, fn: Callable[[], Any], *, line: bool = True) -> Any:
+        import time
+
+        started, wall = time.perf_counter(), time.time()
+        say(f"== {name}")
+        result = fn()
         elapsed = time.perf_counter() - started
-        if name in previous and not _did_work(cfg.run_dir, wall_start):
-            elapsed = previous[name]
-        timings[name] = elapsed
+        if line:
+            say(_stage_line(result, elapsed))
+        if name in self.previous and not _did_work(self.run_dir, wall):
+            elapsed = self.previous[name]
+        self.timings[name] = elapsed
+        return result
 
-    stages = list(PIPELINE)
-    if cfg.policy.model:  # a named HF model replaces the embedded base model
-        stages = [s for s in stages if s[0] != "base model"]
+    def save(self) -> None:
+        from ulrec.io import write_json
+
+        write_json(self.path, self.timings)
+
+
+def _sweep_step(cfg: Config) -> tuple[dict, Config]:
+    from train.sweep import adopt_pick
+
+    sweep = _call("train.sweep:sweep_stage", cfg)
+    return sweep, adopt_pick(cfg, sweep)
+
+
+def run_pipeline(cfg: Config) -> str:
     if cfg.rollout.split != "train":
         raise UlrecError("rollout.split must be 'train' for `ulrec run` (training data comes from train users)")
+    runner = _StepRunner(cfg)
+    stages = [s for s in PIPELINE if not (cfg.policy.model and s[0] == "base model")]  # a named model replaces it
     for name, stage in stages:
         if cfg.pipeline.use_sweep_pick and name == _sweep_before(cfg):
             # Training settings chosen on validation users of the train simulator (never test).
-            start, wall = time.perf_counter(), time.time()
-            say("== sweep on validation users")
-            from train.sweep import adopt_pick
-
-            sweep = _call("train.sweep:sweep_stage", cfg)
-            cfg = adopt_pick(cfg, sweep)
+            sweep, cfg = runner.step("sweep on validation users", lambda: _sweep_step(cfg), line=False)
             if "sft_pick" in sweep:
                 say("   SFT pick: " + ", ".join(f"{k} {sweep['sft_pick'][k]:g}" for k in ("learning_rate", "epochs")))
             say("   pick: " + ", ".join(f"{k} {sweep['pick'][k]:g}" for k in ("beta", "alpha", "learning_rate", "epochs")))
-            record("sweep", start, wall)
-        start, wall = time.perf_counter(), time.time()
-        say(f"== {name}")
-        result = _call(stage, cfg)
-        say(_stage_line(result, time.perf_counter() - start))
-        record(name, start, wall)
+        runner.step(name, lambda: _call(stage, cfg))
     if cfg.eval.ablations:
         for variant in ("no_sft", "no_kto"):
-            start, wall = time.perf_counter(), time.time()
-            say(f"== ablation {variant}")
             ablation = cfg.model_copy(deep=True)
             ablation.kto.variant = variant
-            result = _call("train.stages:kto_stage", ablation)
-            say(_stage_line(result, time.perf_counter() - start))
-            record(f"ablation {variant}", start, wall)
+            runner.step(f"ablation {variant}", lambda: _call("train.stages:kto_stage", ablation))
     if cfg.pipeline.rounds > 1:
         # Round 1's evaluation first: later rounds report against it.
         _call("rollout.evaluate:eval_stage", cfg)
-        start, wall = time.perf_counter(), time.time()
-        say(f"== iterative rounds 2..{cfg.pipeline.rounds}")
-        _call("train.rounds:rounds_stage", cfg)
-        say(_stage_line(None, time.perf_counter() - start))
-        record("rounds", start, wall)
+        runner.step(f"iterative rounds 2..{cfg.pipeline.rounds}", lambda: _call("train.rounds:rounds_stage", cfg))
     if cfg.baselines.enabled:
-        start, wall = time.perf_counter(), time.time()
-        say("== RL baselines")
-        _call("train.baselines.run:baselines_stage", cfg)
-        say(_stage_line(None, time.perf_counter() - start))
-        record("baselines", start, wall)
-    from ulrec.io import write_json
-
-    for name, stage in [("evaluation", "rollout.evaluate:eval_stage"), ("report", "ulrec.report:report_stage")]:
-        if name == "report":  # the report lists the stage times so far
-            write_json(cfg.layout.timings, timings)
-        start, wall = time.perf_counter(), time.time()
-        say(f"== {name}")
-        out = _call(stage, cfg)
-        if name == "evaluation":
-            say(_stage_line(None, time.perf_counter() - start))
-        record(name, start, wall)
-    write_json(cfg.layout.timings, timings)
-    total = sum(timings.values())
-    return f"{out}\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f"; total {total:.0f}"
+        runner.step("RL baselines", lambda: _call("train.baselines.run:baselines_stage", cfg))
+    runner.step("evaluation", lambda: _call("rollout.evaluate:eval_stage", cfg))
+    runner.save()  # the report lists the stage times so far
+    out = runner.step("report", lambda: _call("ulrec.report:report_stage", cfg), line=False)
+    runner.save()
+    total = sum(runner.timings.values())
+    return f"{out}\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in runner.timings.items()) + f"; total {total:.0f}"
 
 
 @app.command("run")
