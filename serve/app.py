@@ -276,7 +276,7 @@ def app_builder(args: dict[str, str]):
 
     The same application as ``ulrec serve``. The proxy's HTTP options (host, port, timeouts) belong
     to the Serve instance, so with ``serve run`` they come from its flags or the deployment YAML
-    (``configs/serve_deployment.yaml``), not from ``serve.*`` of the config."""
+    (``configs/serve/deployment.yaml``), not from ``serve.*`` of the config."""
     return build_app(builder_config(args))
 
 

@@ -396,7 +396,8 @@ def test_failing_model_is_503_and_its_handle_errors_are_wrapped():
 def test_app_builder_reads_config_checkpoint_and_overrides(tmp_path: Path):
     from serve.app import app_builder, builder_config
 
-    cfg = builder_config({"config": "configs/quickstart.yaml", "checkpoint": str(tmp_path / "ckpt"),
+    repo = Path(__file__).resolve().parents[1]
+    cfg = builder_config({"config": str(repo / "configs/quickstart.yaml"), "checkpoint": str(tmp_path / "ckpt"),
                           "serve.num_replicas": "2", "run.root": str(tmp_path)})
     assert cfg.serve.checkpoint == str(tmp_path / "ckpt") and cfg.serve.num_replicas == 2 and cfg.run.name == "quickstart"
     with pytest.raises(InputError, match="serve.checkpoint"):  # checked before any replica starts
@@ -410,10 +411,11 @@ def test_serve_deployment_yaml_is_a_valid_serve_config_for_our_builder():
     from serve.app import builder_config
     from serve.limits import proxy_http_options
 
-    spec = ServeDeploySchema.model_validate(yaml.safe_load(Path("configs/serve_deployment.yaml").read_text()))
+    repo = Path(__file__).resolve().parents[1]
+    spec = ServeDeploySchema.model_validate(yaml.safe_load((repo / "configs/serve/deployment.yaml").read_text()))
     (app,) = spec.applications
     assert app.import_path == "serve.app:app_builder"
-    cfg = builder_config(app.args)
+    cfg = builder_config({**app.args, "config": str(repo / app.args["config"])})  # paths relative to the repo
     assert cfg.serve.checkpoint == "runs/quickstart/checkpoints/kto"
     # the file's proxy options are the ones `ulrec serve` derives from the config
     derived = proxy_http_options(cfg.serve)
