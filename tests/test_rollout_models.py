@@ -12,6 +12,7 @@ import ray
 
 from rollout.driver import rollout_stage, run_rollout
 from rollout.episode import EPISODE_SCHEMA, EXIT_REASONS, STEP_REASONS
+from ulrec.io import mark_stage_done
 from ulrec.config import Config
 from ulrec.data import load_prepared, prepare_data
 from ulrec.model_init import build_base_model
@@ -55,6 +56,8 @@ def run_root(tmp_path_factory):
         rewards = rng.choice([1.0, 3.0, 4.0, 5.0], p=[0.2, 0.3, 0.3, 0.2], size=(data.num_users, data.num_items))
         vectors = rng.normal(size=(data.num_items, 4)).astype(np.float32)
         MatrixUserModel(rewards=rewards, item_vectors=vectors).save(cfg.run_dir / "simulators" / split)
+    # Marked complete as `ulrec env fit` would: later stages key their results on this marker.
+    mark_stage_done(cfg.run_dir / "simulators", "hand-made matrix simulators")
     ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
     yield root
     ray.shutdown()
