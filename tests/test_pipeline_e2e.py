@@ -108,7 +108,6 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
     for rel in STAGE_OUTPUTS:
         assert (run_dir / rel).exists(), rel
     # A quiet terminal: headers, one line per stage, the table; library output went to the log.
-    print(first)
     assert len(first.splitlines()) <= 80, len(first.splitlines())
     assert "PlacementGroupCleaner" not in first and "wandb:" not in first and "INFO" not in first
     assert "   done in " in first and (run_dir / "logs/ulrec.log").is_file()
