@@ -46,7 +46,6 @@ FINAL_FILE = "final.json"  # marks the checkpoint reported after training ended
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
-VARIANT_OUTPUTS = VARIANT_CHECKPOINTS
 
 
 @dataclass
@@ -525,7 +524,7 @@ def kto_job(
     optimiser settings → ``sft2``. ``output_name``/``rows_path``/``init_model`` override these.
     """
     variant = variant or cfg.kto.variant
-    name = output_name or VARIANT_OUTPUTS[variant]
+    name = output_name or VARIANT_CHECKPOINTS[variant]
     init = _require(Path(init_model) if init_model else cfg.layout.checkpoint(STAGE1_CHECKPOINT),
                     "stage-1 checkpoint", "run `ulrec train sft` first")
     section = cfg.kto

@@ -20,7 +20,6 @@ from typing import IO, Any, Iterator
 class _Route:
     out: IO[str] | None = None  # the user's stdout / stderr while routed
     err: IO[str] | None = None
-    log_path: Path | None = None
 
 
 _ROUTE = _Route()
@@ -36,11 +35,6 @@ def note(message: str) -> None:
     print(message, file=_ROUTE.err or sys.stderr, flush=True)
     if _ROUTE.err is not None:  # and in the log, where it explains what follows
         print(message, file=sys.stderr, flush=True)
-
-
-def log_path() -> Path | None:
-    """The log file of the routed command, if any."""
-    return _ROUTE.log_path
 
 
 def _is_tty(stream: Any) -> bool:
@@ -98,7 +92,7 @@ def routed(path: Path, verbose: bool = False) -> Iterator[Path | None]:
     users = [os.fdopen(os.dup(fd), "w", buffering=1, encoding=getattr(s, "encoding", None) or "utf-8",
                        errors="replace") if is_real else s
              for fd, s, is_real in ((1, streams[0], real[0]), (2, streams[1], real[1]))]
-    _ROUTE.out, _ROUTE.err, _ROUTE.log_path = users[0], users[1], path
+    _ROUTE.out, _ROUTE.err = users[0], users[1]
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     # Stream objects on descriptors 1/2 now write to the log; others are replaced for the duration.
@@ -120,6 +114,6 @@ def routed(path: Path, verbose: bool = False) -> Iterator[Path | None]:
         for user, is_real in zip(users, real):
             if is_real:
                 user.close()
-        _ROUTE.out = _ROUTE.err = _ROUTE.log_path = None
+        _ROUTE.out = _ROUTE.err = None
         if all(real):  # a logging handler made meanwhile holds sys.stderr, never ``log``
             log.close()

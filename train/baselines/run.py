@@ -73,8 +73,6 @@ def over_train_seeds(per_seed: dict[int, dict[str, Any]], pooled: dict[str, Any]
     """One method's summary across training seeds: Len and Traj Reward as mean ± sample std over
     the seeds' evaluation means (each itself a mean over eval seeds); exit and grounding shares of
     all the seeds' episodes (``pooled``)."""
-    import numpy as np
-
     def mean_std(values: list[float]) -> tuple[float, float]:
         arr = np.asarray(values, dtype=float)
         return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
