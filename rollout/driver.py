@@ -35,17 +35,18 @@ from ulrec.checks import check_model_dir
 from ulrec.config import Config
 from ulrec.console import progress_bar
 from ulrec.errors import DataError, InputError, UlrecError
-from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done
+from ulrec.io import atomic_path
 from ulrec.policy import Policy, make_policy, resolve_model_dir
 from ulrec.prompts import PromptBuilder
-from ulrec.resume import StageInputs, resume_key
+from ulrec.data import prepared_data
+from ulrec.resume import StageInputs, run_stage
 from ulrec.simulator.env import EchoChamberEnv
 from ulrec.simulator.fit import simulator_fingerprint
 
 # The collector model and the train simulator by content, the prepared data by its resume key.
 ROLLOUT_STAGE = StageInputs(
     "training rollouts", ("env", "policy", "grounding", "rollout"),
-    lambda cfg, model_dir: {"data": cfg.layout.data, "model": Path(model_dir),
+    lambda cfg, model_dir: {"data": prepared_data(cfg.run_dir), "model": Path(model_dir),
                             "simulator": simulator_fingerprint(cfg, cfg.rollout.split)},
 )
 
@@ -415,7 +416,7 @@ def training_rollout(cfg: Config, model_dir: Path, out_dir: Path, users: list[in
 
 def rollout_stage(cfg: Config) -> dict[str, Any]:
     """`ulrec rollout`: training rollouts on ``rollout.split`` into ``<run>/rollouts/<split>``."""
-    from ulrec.data import load_prepared, prepared_hash
+    from ulrec.data import load_prepared
     from ulrec.evaluation import draw_users, eval_user_pool
     from ulrec.tracking import stage_logger
 
@@ -426,22 +427,22 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
         what = "rollout.collector.model" if ro.collector.model else "policy model"
         raise UlrecError(f"no {what} at {model_dir} (run `ulrec model init`, or set policy.model / rollout.collector.model)")
     check_model_dir(model_dir, "rollout.collector.model" if ro.collector.model else "policy model directory")
-    prepared_hash(cfg.run_dir)  # no prepared data: one line, before anything starts
-    input_hash = resume_key(ROLLOUT_STAGE, cfg, model_dir=model_dir)
-    if stage_done(out_dir, input_hash):
-        return {"skipped": True, **read_json(out_dir / STAGE_FILE).get("summary", {})}
-    histories = load_prepared(cfg.run_dir).user_histories(ro.split)
-    users = draw_users(eval_user_pool(histories), ro.num_users, cfg.run.seed)
-    summary = training_rollout(
-        cfg, model_dir, out_dir, users, split=ro.split,
-        policy_name="collector" if ro.collector.model else model_dir.name, collector=ro.collector,
-    )
-    # Metrics live beside, not inside, the Parquet directory (readers glob it).
-    with stage_logger(cfg, f"rollout-{ro.split}", cfg.layout.logs / f"rollout-{ro.split}") as logger:
-        flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-        flat.update({f"exit_{k}": v for k, v in summary["exit_reasons"].items()})
-        flat.update({f"grounding_{k}": v for k, v in summary["grounding"].items()})
-        logger.log(flat)
-        logger.summary(flat)
-    mark_stage_done(out_dir, input_hash, summary=summary)
-    return summary
+
+    def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        histories = load_prepared(cfg.run_dir).user_histories(ro.split)
+        users = draw_users(eval_user_pool(histories), ro.num_users, cfg.run.seed)
+        summary = training_rollout(
+            cfg, model_dir, out_dir, users, split=ro.split,
+            policy_name="collector" if ro.collector.model else model_dir.name, collector=ro.collector,
+        )
+        # Metrics live beside, not inside, the Parquet directory (readers glob it).
+        with stage_logger(cfg, f"rollout-{ro.split}", cfg.layout.logs / f"rollout-{ro.split}") as logger:
+            flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+            flat.update({f"exit_{k}": v for k, v in summary["exit_reasons"].items()})
+            flat.update({f"grounding_{k}": v for k, v in summary["grounding"].items()})
+            logger.log(flat)
+            logger.summary(flat)
+        return summary, {"summary": summary}
+
+    return run_stage(ROLLOUT_STAGE, cfg, out_dir, build,
+                     skipped=lambda marker: {"skipped": True, **marker.get("summary", {})}, model_dir=model_dir)

@@ -22,9 +22,10 @@ from ulrec.evaluation import (
     select_eval_users,
     summarize_episodes,
 )
-from ulrec.io import mark_stage_done, read_json, stage_done, write_json
-from ulrec.layout import EPISODES_DIR
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import read_json, write_json
+from ulrec.layout import EPISODES_DIR, SUMMARY_FILE
+from ulrec.resume import StageInputs, run_stage
+from ulrec.data import prepared_data
 from ulrec.simulator.fit import simulator_fingerprint
 
 
@@ -56,7 +57,7 @@ EVAL_STAGE = StageInputs(
     "evaluation", ("eval", "env", "policy", "grounding"),
     lambda cfg, model_dir, users, split, collector: {
         "model": Path(model_dir), "users": list(users), "split": split, "collector": collector,
-        "data": cfg.layout.data, "simulator": simulator_fingerprint(cfg, split)},
+        "data": prepared_data(cfg.run_dir), "simulator": simulator_fingerprint(cfg, split)},
 )
 
 
@@ -67,7 +68,6 @@ def evaluate_model(
     """Evaluate one model directory on the ``split`` simulator (the test one, except for selection
     on validation users of the train one); returns its summary (cached)."""
     from rollout.driver import run_rollout
-    from ulrec.data import prepared_hash
 
     from ulrec.checks import check_model_dir
 
@@ -76,35 +76,36 @@ def evaluate_model(
     check_model_dir(model_dir, f"{method} model")
     method_dir = (out_root or cfg.layout.eval) / method
     collector = cfg.rollout.collector if method == "collector" else None
-    prepared_hash(cfg.run_dir)  # no prepared data: one line, before anything starts
-    input_hash = resume_key(EVAL_STAGE, cfg, model_dir=model_dir, users=users, split=split,
-                            collector=collector.model_dump() if collector else None)
-    if stage_done(method_dir, input_hash):
-        return read_json(method_dir / "summary.json")
-    rollout_summary = run_rollout(
-        cfg,
-        model_dir=str(model_dir),
-        split=split,
-        user_ids=users,
-        seeds=list(cfg.eval.seeds),
-        temperature=cfg.eval.temperature,
-        max_steps=cfg.eval.max_steps,
-        out_dir=method_dir / EPISODES_DIR,
-        policy_name=method,
-        collector=collector,
-    )
-    summary = summarize_episodes(read_episodes(method_dir / "episodes"))
-    summary.update(
-        method=method,
-        split=split,
-        label=METHOD_LABELS.get(method, method),
-        model_dir=str(model_dir),
-        tokens_per_s=rollout_summary.get("tokens_per_s"),
-        wall_s=rollout_summary.get("wall_s"),
-    )
-    write_json(method_dir / "summary.json", summary)
-    mark_stage_done(method_dir, input_hash)
-    return summary
+
+    def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        rollout_summary = run_rollout(
+            cfg,
+            model_dir=str(model_dir),
+            split=split,
+            user_ids=users,
+            seeds=list(cfg.eval.seeds),
+            temperature=cfg.eval.temperature,
+            max_steps=cfg.eval.max_steps,
+            out_dir=method_dir / EPISODES_DIR,
+            policy_name=method,
+            collector=collector,
+        )
+        summary = summarize_episodes(read_episodes(method_dir / EPISODES_DIR))
+        summary.update(
+            method=method,
+            split=split,
+            label=METHOD_LABELS.get(method, method),
+            model_dir=str(model_dir),
+            tokens_per_s=rollout_summary.get("tokens_per_s"),
+            wall_s=rollout_summary.get("wall_s"),
+        )
+        write_json(method_dir / SUMMARY_FILE, summary)
+        return summary, {}
+
+    return run_stage(EVAL_STAGE, cfg, method_dir, build, required=(SUMMARY_FILE, EPISODES_DIR),
+                     skipped=lambda _marker: read_json(method_dir / SUMMARY_FILE),
+                     model_dir=model_dir, users=users, split=split,
+                     collector=collector.model_dump() if collector else None)
 
 
 def eval_stage(cfg: Config) -> dict[str, Any]:

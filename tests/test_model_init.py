@@ -11,7 +11,7 @@ import torch
 from _llm_helpers import tiny_config, write_tiny_data
 from ulrec.config import ConfigError
 from ulrec.errors import DataError
-from ulrec.io import stage_done
+from ulrec.resume import finished_marker
 from ulrec.model_init import (
     build_base_model,
     make_title_examples,
@@ -120,6 +120,6 @@ def test_build_base_model_tiny(tmp_path):
     quiet.run.progress = not cfg.run.progress
     assert build_base_model(quiet)["skipped"] is True
     changed = tiny_config(tmp_path, warm_start_examples=32)
-    assert not stage_done(out, "x")
+    assert finished_marker(out, "x") is None
     rebuilt = build_base_model(changed)
     assert "skipped" not in rebuilt and rebuilt["warm_start_examples"] == 32

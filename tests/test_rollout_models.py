@@ -12,7 +12,7 @@ import ray
 
 from rollout.driver import rollout_stage, run_rollout
 from rollout.episode import EPISODE_SCHEMA, EXIT_REASONS, STEP_REASONS
-from ulrec.io import mark_stage_done
+from ulrec.resume import mark_done
 from ulrec.config import Config
 from ulrec.data import load_prepared, prepare_data
 from ulrec.model_init import build_base_model
@@ -57,7 +57,7 @@ def run_root(tmp_path_factory):
         vectors = rng.normal(size=(data.num_items, 4)).astype(np.float32)
         MatrixUserModel(rewards=rewards, item_vectors=vectors).save(cfg.run_dir / "simulators" / split)
     # Marked complete as `ulrec env fit` would: later stages key their results on this marker.
-    mark_stage_done(cfg.run_dir / "simulators", "hand-made matrix simulators")
+    mark_done(cfg.run_dir / "simulators", "hand-made matrix simulators", "simulators")
     ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
     yield root
     ray.shutdown()

@@ -62,7 +62,7 @@ def test_training_rollouts_rerun_when_the_train_simulator_is_refitted(tmp_path, 
     _mark(model, "base-model")
     monkeypatch.setattr(driver, "collector_model_dir", lambda cfg: model)
     monkeypatch.setattr(driver, "check_model_dir", lambda *a, **k: None)
-    monkeypatch.setattr("ulrec.data.prepared_hash", lambda run_dir: "data-A")
+    _mark(cfg.run_dir / "data", "data-A")
 
     class Prepared:
         def user_histories(self, split):
@@ -85,11 +85,12 @@ def test_evaluation_reruns_when_the_test_simulator_is_refitted(tmp_path, monkeyp
     _mark(model, "ulrec-weights")
     (model / "config.json").write_text("{}")
     monkeypatch.setattr("ulrec.checks.check_model_dir", lambda *a, **k: None)
-    monkeypatch.setattr("ulrec.data.prepared_hash", lambda run_dir: "data-A")
+    _mark(cfg.run_dir / "data", "data-A")
     runs = []
 
     def fake_run_rollout(cfg, *, out_dir, **kwargs):
         runs.append(kwargs["split"])
+        out_dir.mkdir(parents=True, exist_ok=True)  # the episodes, as run_rollout writes them
         return {}
 
     monkeypatch.setattr("rollout.driver.run_rollout", fake_run_rollout)

@@ -18,8 +18,8 @@ from train.stages import kto_stage
 from ulrec.config import Config
 from ulrec.data import load_prepared
 from ulrec.evaluation import draw_users, eval_user_pool, select_eval_users
-from ulrec.io import mark_stage_done, read_json, stage_done, write_json
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import read_json, write_json
+from ulrec.resume import StageInputs, run_stage
 from ulrec.simulator.fit import simulator_fingerprint
 
 
@@ -37,12 +37,12 @@ ROUND_ROLLOUT_STAGE = StageInputs(
 
 
 def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> None:
-    input_hash = resume_key(ROUND_ROLLOUT_STAGE, cfg, model_dir=model_dir, users=users)
-    if stage_done(out_dir, input_hash):
-        return
-    # The tuned policy itself collects (no separate collector in later rounds).
-    summary = training_rollout(cfg, model_dir, out_dir, users, policy_name=model_dir.name)
-    mark_stage_done(out_dir, input_hash, summary=summary)
+    def build(_key: str) -> tuple[None, dict[str, Any]]:
+        # The tuned policy itself collects (no separate collector in later rounds).
+        summary = training_rollout(cfg, model_dir, out_dir, users, policy_name=model_dir.name)
+        return None, {"summary": summary}
+
+    run_stage(ROUND_ROLLOUT_STAGE, cfg, out_dir, build, skipped=lambda _marker: None, model_dir=model_dir, users=users)
 
 
 def rounds_stage(cfg: Config) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def rounds_stage(cfg: Config) -> list[dict[str, Any]]:
     eval_users = select_eval_users(cfg, "test")
     histories = load_prepared(cfg.run_dir).user_histories("train")
     train_users = draw_users(eval_user_pool(histories), cfg.rollout.num_users, cfg.run.seed)
-    summary = read_json(cfg.layout.eval_method("ulrec") / "summary.json")
+    summary = read_json(cfg.layout.eval_summary("ulrec"))
     rounds = [{"round": 1, **{k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}}]
     rollout_dirs = [cfg.layout.rollouts("train")]
     for r in range(2, cfg.pipeline.rounds + 1):

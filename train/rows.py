@@ -20,8 +20,8 @@ from ulrec.ray_session import init_ray
 from ulrec.config import Config, FeedbackConfig
 from ulrec.errors import DataError
 from ulrec.feedback import ROW_SCHEMA, episodes_table_to_rows
-from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import atomic_path, read_json, write_json
+from ulrec.resume import StageInputs, run_stage
 from ulrec.tracking import stage_logger
 
 
@@ -105,34 +105,34 @@ def rows_stage(
     dirs = [Path(d) for d in rollout_dirs] if rollout_dirs else default_rollout_dirs(cfg)
     out = Path(out_dir) if out_dir is not None else cfg.layout.rows()
     files = [f for d in dirs for f in _parquet_files(d)]
-    input_hash = resume_key(ROWS_STAGE, cfg, rollout_dirs=dirs)
-    if stage_done(out, input_hash) and (out / "stats.json").is_file():
-        return {**read_json(out / "stats.json"), "skipped": True}
 
-    table, num_episodes = _episode_rows(cfg, files)
-    positives = table.filter(pc.field("label"))
-    negatives = table.filter(~pc.field("label"))
-    stats = {
-        "episodes": num_episodes,
-        "episodes_used": len(set(table.column("episode_id").to_pylist())),
-        "positives": positives.num_rows,
-        "negatives": negatives.num_rows,
-        "negatives_by_reason": dict(sorted(Counter(negatives.column("reason").to_pylist()).items())),
-        "rollout_dirs": [str(d) for d in dirs],
-        "sft_rows": str(out / "sft.parquet"),
-        "kto_rows": str(out / "kto.parquet"),
-    }
-    if positives.num_rows == 0:
-        raise DataError(
-            f"no positive rows from {', '.join(map(str, dirs))}: no episode has "
-            f">= {cfg.feedback.min_accepted_steps} accepted steps"
-        )
-    _write_parquet(out / "sft.parquet", positives)
-    _write_parquet(out / "kto.parquet", table)
-    write_json(out / "stats.json", stats)
-    with stage_logger(cfg, "rows", out) as log:
-        counts = {k: stats[k] for k in ("episodes", "episodes_used", "positives", "negatives")}
-        log.log({**counts, **{f"negatives/{k}": v for k, v in stats["negatives_by_reason"].items()}})
-        log.summary(counts)
-    mark_stage_done(out, input_hash, positives=stats["positives"], negatives=stats["negatives"])
-    return stats
+    def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        table, num_episodes = _episode_rows(cfg, files)
+        positives = table.filter(pc.field("label"))
+        negatives = table.filter(~pc.field("label"))
+        stats = {
+            "episodes": num_episodes,
+            "episodes_used": len(set(table.column("episode_id").to_pylist())),
+            "positives": positives.num_rows,
+            "negatives": negatives.num_rows,
+            "negatives_by_reason": dict(sorted(Counter(negatives.column("reason").to_pylist()).items())),
+            "rollout_dirs": [str(d) for d in dirs],
+            "sft_rows": str(out / "sft.parquet"),
+            "kto_rows": str(out / "kto.parquet"),
+        }
+        if positives.num_rows == 0:
+            raise DataError(
+                f"no positive rows from {', '.join(map(str, dirs))}: no episode has "
+                f">= {cfg.feedback.min_accepted_steps} accepted steps"
+            )
+        _write_parquet(out / "sft.parquet", positives)
+        _write_parquet(out / "kto.parquet", table)
+        write_json(out / "stats.json", stats)
+        with stage_logger(cfg, "rows", out) as log:
+            counts = {k: stats[k] for k in ("episodes", "episodes_used", "positives", "negatives")}
+            log.log({**counts, **{f"negatives/{k}": v for k, v in stats["negatives_by_reason"].items()}})
+            log.summary(counts)
+        return stats, {"positives": stats["positives"], "negatives": stats["negatives"]}
+
+    return run_stage(ROWS_STAGE, cfg, out, build, required=("stats.json",),
+                     skipped=lambda _marker: {**read_json(out / "stats.json"), "skipped": True}, rollout_dirs=dirs)

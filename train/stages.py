@@ -36,10 +36,10 @@ from ulrec.ray_session import init_ray
 from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling
 from ulrec.errors import DataError
 from ulrec.checks import check_model_dir, check_model_finite, check_parquet
-from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
+from ulrec.io import atomic_path, read_json, write_json
 from ulrec.layout import STAGE1_CHECKPOINT, VARIANT_CHECKPOINTS
 from ulrec.policy import resolve_model_dir
-from ulrec.resume import StageInputs, resume_key
+from ulrec.resume import StageInputs, run_stage
 from ulrec.tracking import wandb_mode
 
 FINAL_FILE = "final.json"  # marks the checkpoint reported after training ended
@@ -338,13 +338,14 @@ def worker_resources(scaling: TrainScaling) -> dict[str, float]:
     return resources
 
 
-def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: str, out_dir: Path) -> dict[str, Any]:
+def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, resume_key: str, out_dir: Path) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
     storage = cfg.layout.ray_train.resolve()
-    run_name = f"{job.name}-{input_hash}"
+    # The resume key names the Ray Train run: a restarted stage resumes its own checkpoints only.
+    run_name = f"{job.name}-{resume_key}"
     resources = worker_resources(scaling)
     trainer = TorchTrainer(
         _train_loop,
@@ -374,7 +375,6 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, input_hash: s
             shutil.copy2(ckpt / METRICS_FILE, tmp / METRICS_FILE)
             write_json(tmp / SUMMARY_FILE, summary)
     summary["output"] = str(out_dir)
-    mark_stage_done(out_dir, input_hash, **{k: summary[k] for k in ("global_step", "output")})
     # The optimiser-state checkpoints are only resume points; the stage is done.
     shutil.rmtree(storage / run_name, ignore_errors=True)
     return summary
@@ -450,11 +450,14 @@ TRAIN_STAGES = {
 
 def _stage(cfg: Config, job: TrainJob, section_name: str, scaling: TrainScaling, out_dir: Path,
            extra_hash: dict[str, Any]) -> dict[str, Any]:
-    input_hash = resume_key(TRAIN_STAGES[section_name], cfg, job=job, **extra_hash)
-    if stage_done(out_dir, input_hash) and (out_dir / SUMMARY_FILE).is_file():
-        return {**read_json(out_dir / SUMMARY_FILE), "output": str(out_dir), "skipped": True}
-    check_job(job)
-    return _run_on_ray(cfg, job, scaling, input_hash, out_dir)
+    def build(key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        check_job(job)
+        summary = _run_on_ray(cfg, job, scaling, key, out_dir)
+        return summary, {k: summary[k] for k in ("global_step", "output")}
+
+    return run_stage(TRAIN_STAGES[section_name], cfg, out_dir, build, required=(SUMMARY_FILE,),
+                     skipped=lambda _marker: {**read_json(out_dir / SUMMARY_FILE), "output": str(out_dir), "skipped": True},
+                     job=job, **extra_hash)
 
 
 def check_job(job: TrainJob) -> None:

@@ -2,7 +2,8 @@
 
 When ``pipeline.sweep_sft_learning_rates`` / ``sweep_sft_epochs`` are given, stage 1 is searched
 first: each SFT cell is trained from the base model and scored as ULRec-P, and the KTO grid starts
-from the best one (coordinate-wise: stage 1, then stage 2; the joint grid would cost their product).
+from the best one (coordinate-wise: stage 1, then stage 2), or, with ``pipeline.sweep_joint``, from
+every one (the joint grid, their product; the pick is the best pair).
 Otherwise every cell trains stage 2 from the same stage-1 checkpoint (``checkpoints/sft``) and rows (β × α, and learning rates and
 epochs when ``pipeline.sweep_learning_rates`` / ``sweep_epochs`` are given). Cells are scored on
 **validation users of the train simulator**: train-split users that the training rollouts did not
@@ -94,42 +95,41 @@ def sweep_stage(cfg: Config) -> dict[str, Any]:
     result: dict[str, Any] = {**meta}
 
     # Stage 1 (optional): ULRec-P cells, each from the base model.
-    init_model = None
     for spec in sft_grid(cfg):
-        cell_cfg = cfg.model_copy(deep=True)
-        cell_cfg.sft.learning_rate, cell_cfg.sft.epochs = spec["learning_rate"], spec["epochs"]
+        cell_cfg = apply_sft(cfg, spec)
         name = sft_cell_name(spec["learning_rate"], spec["epochs"])
         sft_stage(cell_cfg, output_name=name)
         result.setdefault("sft_cells", []).append({**spec, "name": name, **_score(cell_cfg, name, users, sweep_dir)})
         write_json(sweep_dir / "results.json", result)  # a partial grid is still reported
+    # Where stage 2 starts: checkpoints/sft (no stage-1 grid), the stage-1 pick, or every SFT cell.
+    starts: list[dict[str, Any] | None] = [None]
     if result.get("sft_cells"):
         result["sft_pick"] = pick_cell(result["sft_cells"])
-        init_model = cfg.layout.checkpoint(result["sft_pick"]["name"])
+        starts = list(result["sft_cells"]) if cfg.pipeline.sweep_joint else [result["sft_pick"]]
 
-    # Stage 2: the KTO grid from the stage-1 pick (or checkpoints/sft).
+    # Stage 2: the KTO grid from each start.
     cells = result["cells"] = []
-    for spec in sweep_grid(cfg):
-        cell_cfg = cfg.model_copy(deep=True)
-        if "sft_pick" in result:
-            cell_cfg.sft.learning_rate = result["sft_pick"]["learning_rate"]
-            cell_cfg.sft.epochs = result["sft_pick"]["epochs"]
-        cell_cfg.kto.beta = spec["beta"]
-        cell_cfg.kto.alpha = spec["alpha"]
-        if spec["learning_rate"] is not None:
-            cell_cfg.kto.learning_rate = spec["learning_rate"]
-        if spec["epochs"] is not None:
-            cell_cfg.kto.epochs = spec["epochs"]
-        name = cell_name(spec["beta"], spec["alpha"], spec["learning_rate"], spec["epochs"])
-        kto_stage(cell_cfg, variant="full", output_name=name, init_model=init_model)
-        cells.append({
-            **spec,
-            "learning_rate": cell_cfg.kto.learning_rate,
-            "epochs": cell_cfg.kto.epochs,
-            "name": name,
-            **_score(cell_cfg, name, users, sweep_dir),
-        })
-        write_json(sweep_dir / "results.json", result)
+    for start in starts:
+        for spec in sweep_grid(cfg):
+            cell_cfg = apply_pick(cfg, spec, start)
+            name = cell_name(spec["beta"], spec["alpha"], spec["learning_rate"], spec["epochs"])
+            if cfg.pipeline.sweep_joint and start is not None:
+                name = f"{start['name']}_{name}"
+            kto_stage(cell_cfg, variant="full", output_name=name,
+                      init_model=cfg.layout.checkpoint(start["name"]) if start else None)
+            cells.append({
+                **spec,
+                "learning_rate": cell_cfg.kto.learning_rate,
+                "epochs": cell_cfg.kto.epochs,
+                "name": name,
+                **({"sft_cell": start["name"]} if start else {}),
+                **_score(cell_cfg, name, users, sweep_dir),
+            })
+            write_json(sweep_dir / "results.json", result)
     result["pick"] = pick_cell(cells)
+    if cfg.pipeline.sweep_joint and "sft_cell" in result["pick"]:
+        # The pair's stage 1 is what `ulrec run` adopts, whatever stage 1 scored alone.
+        result["sft_pick"] = next(c for c in result["sft_cells"] if c["name"] == result["pick"]["sft_cell"])
     write_json(sweep_dir / "results.json", result)
     from ulrec.report import plot_sweep
 
@@ -137,16 +137,24 @@ def sweep_stage(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def apply_pick(cfg: Config, pick: dict[str, Any], sft_pick: dict[str, Any] | None = None) -> Config:
-    """``cfg`` with the KTO settings of the sweep's pick (and the SFT settings of its stage-1 pick)."""
+def apply_sft(cfg: Config, sft_cell: dict[str, Any]) -> Config:
+    """``cfg`` with the SFT settings of a stage-1 cell."""
     picked = cfg.model_copy(deep=True)
-    if sft_pick is not None:
-        picked.sft.learning_rate = sft_pick["learning_rate"]
-        picked.sft.epochs = sft_pick["epochs"]
+    picked.sft.learning_rate = sft_cell["learning_rate"]
+    picked.sft.epochs = sft_cell["epochs"]
+    return picked
+
+
+def apply_pick(cfg: Config, pick: dict[str, Any], sft_pick: dict[str, Any] | None = None) -> Config:
+    """``cfg`` with the KTO settings of a cell (a grid spec's None axes keep the config's value),
+    and the SFT settings of the stage-1 cell it starts from."""
+    picked = apply_sft(cfg, sft_pick) if sft_pick is not None else cfg.model_copy(deep=True)
     picked.kto.beta = pick["beta"]
     picked.kto.alpha = pick["alpha"]
-    picked.kto.learning_rate = pick["learning_rate"]
-    picked.kto.epochs = pick["epochs"]
+    if pick.get("learning_rate") is not None:
+        picked.kto.learning_rate = pick["learning_rate"]
+    if pick.get("epochs") is not None:
+        picked.kto.epochs = pick["epochs"]
     return picked
 
 

@@ -426,6 +426,9 @@ class PipelineConfig(Section):
     # and the KTO grid then starts from the best one (a coordinate-wise search: stage 1, then 2).
     sweep_sft_learning_rates: list[float] | None = None  # None: sft.learning_rate only, not scored
     sweep_sft_epochs: list[float] | None = None          # None: sft.epochs only
+    # The joint search instead: the KTO grid from *every* SFT cell, the pick the best pair (the
+    # stage 1 best alone need not be the one stage 2 does best from; costs the grids' product).
+    sweep_joint: bool = False
     sweep_validation_users: int = Field(default=100, ge=1)
     # `ulrec run`: run the sweep (before stage 1 when it has SFT cells, else after) and train with
     # its picks (best validation Len).

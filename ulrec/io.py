@@ -2,7 +2,7 @@
 
 Nothing is ever half-written: every output goes to a temporary sibling path and is renamed into
 place once complete. A finished stage leaves ``_stage.json`` holding the hash of its inputs; a rerun
-with the same hash skips the stage (resume).
+with the same hash skips the stage (resume; written and read only by ``ulrec.resume``).
 """
 
 from __future__ import annotations
@@ -65,17 +65,3 @@ def _json_default(obj: Any) -> Any:
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
-
-def stage_done(stage_dir: str | Path, input_hash: str) -> bool:
-    """True when ``stage_dir`` holds a completed stage for exactly these inputs."""
-    marker = Path(stage_dir) / STAGE_FILE
-    if not marker.is_file():
-        return False
-    try:
-        return read_json(marker).get("hash") == input_hash
-    except (OSError, ValueError):
-        return False
-
-
-def mark_stage_done(stage_dir: str | Path, input_hash: str, **info: Any) -> None:
-    write_json(Path(stage_dir) / STAGE_FILE, {"hash": input_hash, **info})

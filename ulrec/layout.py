@@ -37,6 +37,8 @@ METHOD_CHECKPOINTS: dict[str, str | None] = {
 }
 # Episodes on disk: a Parquet dataset directory (``rollout.episode.EPISODE_SCHEMA``) named this.
 EPISODES_DIR = "episodes"
+# An evaluated method's (or one baseline training seed's) summary, beside its episodes.
+SUMMARY_FILE = "summary.json"
 STAGE1_CHECKPOINT = METHOD_CHECKPOINTS["ulrec-p"]
 STAGE2_CHECKPOINT = METHOD_CHECKPOINTS["ulrec"]
 
@@ -90,6 +92,9 @@ class RunLayout:
 
     def eval_method(self, method: str) -> Path:
         return self.eval / method
+
+    def eval_summary(self, method: str) -> Path:
+        return self.eval_method(method) / SUMMARY_FILE
 
     def eval_episodes(self, method: str) -> Path:
         """A method's evaluation episodes: one Parquet dataset directory, for LLMs and baselines alike."""

@@ -32,8 +32,8 @@ import pandas as pd
 
 from ulrec.config import Config, ConfigError
 from ulrec.errors import DataError
-from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import atomic_path
+from ulrec.resume import StageInputs, run_stage
 from ulrec.prompts import PromptBuilder, StepView, completion_text, observation_text, parse_action
 
 # Head sizes vLLM's CPU attention supports (NOTES.md, "vLLM on this CPU").
@@ -319,14 +319,15 @@ def build_base_model(cfg: Config) -> dict:
         provenance = {"source": source, "wheel": SMOLLM2_WHEEL.requirement, "wheel_sha256": SMOLLM2_WHEEL.sha256}
     gguf_architecture(gguf_file)  # a bad file fails before anything is hashed or written
     provenance["gguf_sha256"] = sha256_file(gguf_file)
-    input_hash = resume_key(IMPORTED_MODEL_STAGE, cfg, source=source, gguf_sha256=provenance["gguf_sha256"])
-    if stage_done(out_dir, input_hash):
-        return {**read_json(out_dir / STAGE_FILE), "skipped": True}
-    with atomic_path(out_dir) as tmp:
-        info = convert_gguf(gguf_file, tmp, provenance)
-        info["model_dir"] = str(out_dir)
-        mark_stage_done(tmp, input_hash, **info)
-    return info
+
+    def build(_key: str) -> tuple[dict, dict]:
+        with atomic_path(out_dir) as tmp:
+            info = convert_gguf(gguf_file, tmp, provenance)
+            info["model_dir"] = str(out_dir)
+        return info, info
+
+    return run_stage(IMPORTED_MODEL_STAGE, cfg, out_dir, build, skipped=lambda marker: {**marker, "skipped": True},
+                     source=source, gguf_sha256=provenance["gguf_sha256"])
 
 
 # A converted model depends on the GGUF's bytes only; the embedded one on the prepared data (its
@@ -342,11 +343,12 @@ def build_embedded_model(cfg: Config) -> dict:
     """Build, warm-start and save the embedded base model; returns what it measured."""
     out_dir = cfg.layout.base_model
     builder = PromptBuilder.from_config(cfg.policy)
-    input_hash = resume_key(EMBEDDED_MODEL_STAGE, cfg, template=builder.template,
-                            history_length=builder.history_length)
-    if stage_done(out_dir, input_hash):
-        return {**read_json(out_dir / STAGE_FILE), "skipped": True}
+    return run_stage(EMBEDDED_MODEL_STAGE, cfg, out_dir, lambda _key: _build_embedded(cfg, builder, out_dir),
+                     skipped=lambda marker: {**marker, "skipped": True},
+                     template=builder.template, history_length=builder.history_length)
 
+
+def _build_embedded(cfg: Config, builder: PromptBuilder, out_dir: Path) -> tuple[dict, dict]:
     started = time.perf_counter()
     titles, histories = read_catalogue_and_histories(cfg.layout.data)
     # Heavy imports only after the cheap input checks passed.
@@ -404,5 +406,4 @@ def build_embedded_model(cfg: Config) -> dict:
             "eval_prompts": len(outputs),
             **title_rates(outputs, titles),
         }
-        mark_stage_done(tmp, input_hash, **info)
-    return info
+    return info, info

@@ -17,7 +17,7 @@ import pandas as pd
 from ulrec.config import Config
 from ulrec.errors import UlrecError
 from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summarize_episodes
-from ulrec.layout import EPISODES_DIR, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, RunLayout
+from ulrec.layout import EPISODES_DIR, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, SUMMARY_FILE, RunLayout
 from ulrec.io import atomic_path, read_json, write_json, write_text
 from ulrec.tracking import read_metrics
 
@@ -42,8 +42,8 @@ def collect_results(run_dir: Path) -> dict[str, dict[str, Any]]:
     if not eval_dir.is_dir():
         return results
     for method_dir in sorted(p for p in eval_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if (method_dir / "summary.json").is_file():
-            results[method_dir.name] = read_json(method_dir / "summary.json")
+        if (method_dir / SUMMARY_FILE).is_file():
+            results[method_dir.name] = read_json(method_dir / SUMMARY_FILE)
         elif (path := _episodes_path(method_dir)) is not None:
             summary = summarize_episodes(read_episodes(path))
             summary.update(method=method_dir.name, label=_label(method_dir.name))

@@ -25,10 +25,10 @@ from ulrec.config import Config
 from ulrec.console import progress_bar
 from ulrec.episodes import EPISODE_SCHEMA
 from ulrec.episodes import write_episodes as write_episode_dataset
-from ulrec.layout import EPISODES_DIR
+from ulrec.layout import EPISODES_DIR, SUMMARY_FILE
 from ulrec.evaluation import select_eval_users, summarize_episodes
-from ulrec.io import atomic_path, mark_stage_done, read_json, stage_done, write_json
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import atomic_path, read_json, write_json
+from ulrec.resume import StageInputs, run_stage
 from ulrec.simulator import EchoChamberEnv, UserModel
 from ulrec.simulator.fit import load_env, load_simulator, simulator_path
 from ulrec.tracking import StageLogger, stage_logger
@@ -108,6 +108,8 @@ BASELINE_STAGE = StageInputs(
         "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
         "simulators": cfg.layout.simulators, "data": cfg.layout.data},
 )
+# A method's pooled evaluation: its training seeds' outputs, each by its own resume key.
+POOLED_STAGE = StageInputs("baseline over training seeds", (), lambda cfg, seed_dirs: {"seeds": list(seed_dirs)})
 
 
 def _data_file(cfg: Config, name: str) -> Path | None:
@@ -118,11 +120,15 @@ def _data_file(cfg: Config, name: str) -> Path | None:
 # ------------------------------------------------------------------------------------ logged data
 def ensure_logged_data(cfg: Config, train_model: UserModel, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Behaviour-policy episodes on the train simulator as RLlib episode Parquet (cached)."""
-    b = cfg.baselines
-    input_hash = resume_key(LOGGED_STAGE, cfg)
     path = out_dir / LOGGED_FILE
-    if stage_done(out_dir, input_hash) and path.is_file():
-        return path, read_json(out_dir / "stats.json")
+    stats = run_stage(LOGGED_STAGE, cfg, out_dir, lambda _key: (_log_behaviour_episodes(cfg, train_model, out_dir), {}),
+                      skipped=lambda _marker: read_json(out_dir / "stats.json"), required=(LOGGED_FILE, "stats.json"))
+    return path, stats
+
+
+def _log_behaviour_episodes(cfg: Config, train_model: UserModel, out_dir: Path) -> dict[str, Any]:
+    b = cfg.baselines
+    path = out_dir / LOGGED_FILE
     rng = np.random.default_rng(cfg.run.seed)
     sequences = None
     if _data_file(cfg, "train.parquet") is not None:
@@ -140,8 +146,7 @@ def ensure_logged_data(cfg: Config, train_model: UserModel, out_dir: Path) -> tu
     write_episodes(episodes, path)
     stats = episode_stats(episodes)
     write_json(out_dir / "stats.json", stats)
-    mark_stage_done(out_dir, input_hash)
-    return path, stats
+    return stats
 
 
 def logged_sequences(path: Path) -> list[list[int]]:
@@ -244,8 +249,23 @@ def _train_one_seed(
     summary["train_s"] = train_s
     summary["eval_s"] = time.perf_counter() - started
     summary["train_seed"] = train_seed
-    write_json(seed_dir / "summary.json", summary)
+    write_json(seed_dir / SUMMARY_FILE, summary)
     logger.log({f"{algo_name}/seed{train_seed}/eval_len_mean": summary["len_mean"]})
+    return summary
+
+
+def _pool_train_seeds(cfg: Config, algo_name: str, per_seed: dict[int, dict[str, Any]],
+                      seed_dirs: list[Path]) -> dict[str, Any]:
+    """The method's evaluation: every training seed's episodes in one dataset directory, and its
+    summary over the seeds (:func:`over_train_seeds`)."""
+    pooled_table = pa.concat_tables([pq.read_table(d / EPISODES_DIR, schema=EPISODE_SCHEMA) for d in seed_dirs])
+    write_episode_dataset(pooled_table, cfg.layout.eval_episodes(algo_name))
+    first = per_seed[min(per_seed)]
+    summary = over_train_seeds(per_seed, summarize_episodes(pooled_table.to_pandas()))
+    summary.update(method=algo_name, label=algo_name.upper(), acting=first["acting"], budget=first["budget"],
+                   train_s=sum(p["train_s"] for p in per_seed.values()),
+                   eval_s=sum(p["eval_s"] for p in per_seed.values()))
+    write_json(cfg.layout.eval_summary(algo_name), summary)
     return summary
 
 
@@ -285,36 +305,36 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
             logger.log({f"logged/{k}": v for k, v in logged_stats.items()})
         for algo_name in b.algos:
             algo_dir = out_root / algo_name
-            algo_env_config = base_env_config
-            if algo_name == "dorl":
-                from train.baselines.dorl import prepare_dorl
+            env_configs: list[dict[str, Any]] = []
 
-                sequences = logged_sequences(logged_path) if logged_path is not None else []
-                algo_env_config = {**base_env_config, "dorl": prepare_dorl(cfg, train_dir, train_model, sequences, algo_dir / "dorl")}
+            def algo_env_config() -> dict[str, Any]:
+                # DORL's ensemble is fitted only when a training seed actually runs.
+                if not env_configs:
+                    env_configs.append(base_env_config)
+                    if algo_name == "dorl":
+                        from train.baselines.dorl import prepare_dorl
+
+                        sequences = logged_sequences(logged_path) if logged_path is not None else []
+                        env_configs[0] = {**base_env_config,
+                                          "dorl": prepare_dorl(cfg, train_dir, train_model, sequences, algo_dir / "dorl")}
+                return env_configs[0]
+
             per_seed: dict[int, dict[str, Any]] = {}
             for train_seed in b.train_seeds:
                 seed_dir = algo_dir / f"seed{train_seed}"
-                input_hash = resume_key(BASELINE_STAGE, cfg, algo=algo_name, train_seed=train_seed)
-                if stage_done(seed_dir, input_hash) and (seed_dir / "summary.json").is_file():
-                    per_seed[train_seed] = read_json(seed_dir / "summary.json")
-                    continue
-                per_seed[train_seed] = _train_one_seed(
-                    cfg, algo_name, train_seed, seed_dir, algo_env_config, logged_path, logged_stats, probe,
-                    test_env, users, titles, logger,
-                )
-                mark_stage_done(seed_dir, input_hash)
-            # The method's episodes: every training seed's, in one dataset directory.
-            pooled_table = pa.concat_tables(
-                [pq.read_table(algo_dir / f"seed{s}" / EPISODES_DIR, schema=EPISODE_SCHEMA) for s in b.train_seeds])
-            episodes = write_episode_dataset(pooled_table, cfg.layout.eval_episodes(algo_name))
-            pooled = summarize_episodes(pd.read_parquet(episodes))
-            first = per_seed[b.train_seeds[0]]
-            summary = over_train_seeds(per_seed, pooled)
-            summary.update(method=algo_name, label=algo_name.upper(), acting=first["acting"], budget=first["budget"],
-                           train_s=sum(p["train_s"] for p in per_seed.values()),
-                           eval_s=sum(p["eval_s"] for p in per_seed.values()))
-            write_json(cfg.layout.eval_method(algo_name) / "summary.json", summary)
-            write_json(algo_dir / "summary.json", summary)
+                per_seed[train_seed] = run_stage(
+                    BASELINE_STAGE, cfg, seed_dir,
+                    lambda _key: (_train_one_seed(cfg, algo_name, train_seed, seed_dir, algo_env_config(), logged_path,
+                                             logged_stats, probe, test_env, users, titles, logger), {}),
+                    skipped=lambda _marker: read_json(seed_dir / SUMMARY_FILE), required=(SUMMARY_FILE,),
+                    algo=algo_name, train_seed=train_seed)
+            seed_dirs = [algo_dir / f"seed{s}" for s in b.train_seeds]
+            summary = run_stage(
+                POOLED_STAGE, cfg, cfg.layout.eval_method(algo_name),
+                lambda _key: (_pool_train_seeds(cfg, algo_name, per_seed, seed_dirs), {}),
+                skipped=lambda _marker: read_json(cfg.layout.eval_summary(algo_name)),
+                required=(SUMMARY_FILE, EPISODES_DIR), seed_dirs=seed_dirs)
+            write_json(algo_dir / SUMMARY_FILE, summary)
             logger.log({f"{algo_name}/eval_len_mean": summary["len_mean"], f"{algo_name}/eval_len_std": summary["len_std"],
                         f"{algo_name}/eval_reward_mean": summary["reward_mean"]})
             results[algo_name] = summary

@@ -6,10 +6,9 @@ stats.json); ``load_prepared(run_dir)`` reads it back for the other stages.
 
 from ulrec.data.prepare import (
     data_dir,
-    data_hash,
     load_stats,
     prepare_data,
-    prepared_hash,
+    prepared_data,
     read_raw,
     stats_table,
 )
@@ -21,11 +20,10 @@ __all__ = [
     "PreparedData",
     "RawDataset",
     "data_dir",
-    "data_hash",
     "load_prepared",
     "load_stats",
     "prepare_data",
-    "prepared_hash",
+    "prepared_data",
     "read_raw",
     "stats_table",
     "title_key",

@@ -21,8 +21,8 @@ from ulrec.data.raw import RawDataset
 from ulrec.data.steam import read_steam
 from ulrec.data.synthetic import generate_synthetic
 from ulrec.errors import DataError
-from ulrec.io import STAGE_FILE, atomic_path, mark_stage_done, read_json, stage_done, write_json
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import STAGE_FILE, atomic_path, read_json, write_json
+from ulrec.resume import StageInputs, run_stage
 
 # Bump when the outputs for the same inputs change, so old run directories are re-prepared.
 DATA_FORMAT_VERSION = 1
@@ -65,18 +65,13 @@ def _data_inputs(cfg: Config) -> dict:
 DATA_STAGE = StageInputs("data", ("data",), _data_inputs)
 
 
-def data_hash(cfg: Config) -> str:
-    """Resume key of the data stage (:data:`DATA_STAGE`): the ``data`` section, the input files'
-    identity, the output format version, the seed."""
-    return resume_key(DATA_STAGE, cfg)
-
-
-def prepared_hash(run_dir: str | Path) -> str:
-    """The resume key the prepared data was written under: what later stages should key on."""
-    marker = data_dir(run_dir) / STAGE_FILE
-    if not marker.is_file():
-        raise DataError(f"{data_dir(run_dir)}: no prepared data (run `ulrec data prepare` first)")
-    return str(read_json(marker)["hash"])
+def prepared_data(run_dir: str | Path) -> Path:
+    """The prepared data directory, as an input later stages declare (fingerprinted by the resume
+    key it was written under); DataError when it was never prepared."""
+    out = data_dir(run_dir)
+    if not (out / STAGE_FILE).is_file():
+        raise DataError(f"{out}: no prepared data (run `ulrec data prepare` first)")
+    return out
 
 
 def read_raw(cfg: Config) -> RawDataset:
@@ -86,22 +81,24 @@ def read_raw(cfg: Config) -> RawDataset:
 def prepare_data(cfg: Config) -> dict[str, Any]:
     """Prepare ``cfg.data.dataset`` into ``<run>/data``; skipped when done for the same inputs."""
     out = data_dir(cfg.run_dir)
-    key = data_hash(cfg)
-    if stage_done(out, key) and (out / "stats.json").is_file():
+
+    def skipped(_marker: dict) -> dict[str, Any]:
         if cfg.run.progress:
             note(f"ulrec: data up to date in {out}")
         return {**read_json(out / "stats.json"), "skipped": True}
 
-    raw = read_raw(cfg)
-    prepared = process(raw, cfg.data)
-    stats = {**prepared.stats, "source": str(raw.source)}
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        for name in TABLES:
-            getattr(prepared, name).to_parquet(tmp / f"{name}.parquet", index=False)
-        write_json(tmp / "stats.json", stats)
-        mark_stage_done(tmp, key, dataset=cfg.data.dataset)
-    return stats
+    def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        raw = read_raw(cfg)
+        prepared = process(raw, cfg.data)
+        stats = {**prepared.stats, "source": str(raw.source)}
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            for name in TABLES:
+                getattr(prepared, name).to_parquet(tmp / f"{name}.parquet", index=False)
+            write_json(tmp / "stats.json", stats)
+        return stats, {"dataset": cfg.data.dataset}
+
+    return run_stage(DATA_STAGE, cfg, out, build, skipped=skipped, required=("stats.json",))
 
 
 def load_stats(cfg: Config) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import pandas as pd
 from ulrec.config import Config, ConfigError
 from ulrec.console import progress_bar
 from ulrec.errors import DataError
-from ulrec.io import STAGE_FILE, mark_stage_done, read_json, stage_done, write_json
-from ulrec.resume import StageInputs, resume_key
+from ulrec.io import STAGE_FILE, read_json, write_json
+from ulrec.resume import StageInputs, run_stage
 from ulrec.simulator.calibration import calibrate, resolve_distance_threshold
 from ulrec.simulator.env import EchoChamberEnv, EnvConfig
 from ulrec.simulator.loading import load_user_model
@@ -53,10 +53,6 @@ def simulator_fingerprint(cfg: Config, split: str) -> str:
 
 # The prepared data by its own resume key; the run's seed (in every key), not its name or display.
 SIMULATORS_STAGE = StageInputs("simulators", ("simulator", "env"), lambda cfg: {"data": cfg.layout.data})
-
-
-def _stage_hash(cfg: Config) -> str:
-    return resume_key(SIMULATORS_STAGE, cfg)
 
 
 # ------------------------------------------------------------------------------------- data input
@@ -135,39 +131,39 @@ def fit_simulators(cfg: Config) -> dict[str, Any]:
     from ulrec.tracking import stage_logger
 
     out = simulators_dir(cfg)
-    input_hash = _stage_hash(cfg)
-    if stage_done(out, input_hash) and (out / CALIBRATION_FILE).is_file():
-        return {"skipped": True, **read_json(out / CALIBRATION_FILE)}
 
-    with stage_logger(cfg, "simulators", out) as logger:
-        models = _build_user_models(cfg)
-        summary: dict[str, Any] = {
-            "kind": cfg.simulator.kind,
-            "distance": cfg.simulator.distance if cfg.simulator.kind == "deepfm" else "matrix",
-            "thresholds": {},
-        }
-        for split, model in models.items():
-            model.save(simulator_path(cfg, split))
-            calibration = calibrate(model, cfg.env, seed=cfg.run.seed)
-            fit_report = getattr(model, "fit_report", None)
-            summary["thresholds"][split] = calibration["distance_threshold"]
-            summary[split] = {
-                "n_users": model.n_users,
-                "n_items": model.n_items,
-                "n_known_users": int(len(model.known_users())),
-                "fit": fit_report,
-                "calibration": calibration,
+    def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        with stage_logger(cfg, "simulators", out) as logger:
+            models = _build_user_models(cfg)
+            summary: dict[str, Any] = {
+                "kind": cfg.simulator.kind,
+                "distance": cfg.simulator.distance if cfg.simulator.kind == "deepfm" else "matrix",
+                "thresholds": {},
             }
-            metrics = {f"{split}/distance_threshold": calibration["distance_threshold"]}
-            metrics |= {f"{split}/random_{k}": v for k, v in calibration["random_policy"]["exit_shares"].items()}
-            metrics[f"{split}/random_mean_length"] = calibration["random_policy"]["mean_length"]
-            if fit_report:
-                metrics |= {f"{split}/fit_{k}": v for k, v in fit_report.items()}
-            logger.log(metrics)
-            logger.summary(metrics)
-        write_json(out / CALIBRATION_FILE, summary)
-    mark_stage_done(out, input_hash)
-    return summary
+            for split, model in models.items():
+                model.save(simulator_path(cfg, split))
+                calibration = calibrate(model, cfg.env, seed=cfg.run.seed)
+                fit_report = getattr(model, "fit_report", None)
+                summary["thresholds"][split] = calibration["distance_threshold"]
+                summary[split] = {
+                    "n_users": model.n_users,
+                    "n_items": model.n_items,
+                    "n_known_users": int(len(model.known_users())),
+                    "fit": fit_report,
+                    "calibration": calibration,
+                }
+                metrics = {f"{split}/distance_threshold": calibration["distance_threshold"]}
+                metrics |= {f"{split}/random_{k}": v for k, v in calibration["random_policy"]["exit_shares"].items()}
+                metrics[f"{split}/random_mean_length"] = calibration["random_policy"]["mean_length"]
+                if fit_report:
+                    metrics |= {f"{split}/fit_{k}": v for k, v in fit_report.items()}
+                logger.log(metrics)
+                logger.summary(metrics)
+            write_json(out / CALIBRATION_FILE, summary)
+        return summary, {}
+
+    return run_stage(SIMULATORS_STAGE, cfg, out, build, required=(CALIBRATION_FILE,),
+                     skipped=lambda _marker: {"skipped": True, **read_json(out / CALIBRATION_FILE)})
 
 
 # ------------------------------------------------------------------------------------ later stages
