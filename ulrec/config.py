@@ -236,6 +236,9 @@ class PolicyConfig(Section):
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     cpu_kvcache_gib: int = Field(default=1, ge=1)
     enable_prefix_caching: bool = True
+    # Eager mode (no CUDA graphs / torch.compile): None = on for CPU engines, where graphs do not
+    # apply, off on GPU, where capturing them speeds up decoding of short completions.
+    enforce_eager: bool | None = None
     max_num_seqs: int = Field(default=256, ge=1)
     hf_batch_size: int = Field(default=64, ge=1)
     # A user-supplied prompt template file (see ulrec/prompts.py for the fields it may use).

