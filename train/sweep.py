@@ -22,7 +22,7 @@ from rollout.evaluate import evaluate_model
 from train.stages import kto_stage, sft_stage
 from ulrec.config import Config
 from ulrec.errors import UlrecError
-from ulrec.evaluation import draw_users, eval_user_pool
+from ulrec.evaluation import validation_users as select_validation_users
 from ulrec.io import write_json
 from ulrec.layout import STAGE1_CHECKPOINT, STAGE2_CHECKPOINT
 
@@ -51,17 +51,8 @@ def sft_grid(cfg: Config) -> list[dict[str, Any]]:
 
 
 def validation_users(cfg: Config) -> list[int]:
-    """Train-split users the training rollouts did not play (the same draw the rollout stage makes,
-    so the two sets are disjoint), the first ``pipeline.sweep_validation_users`` of a fixed shuffle."""
-    from ulrec.data import load_prepared
-
-    pool = eval_user_pool(load_prepared(cfg.run_dir).user_histories("train"))
-    trained = set(draw_users(pool, cfg.rollout.num_users, cfg.run.seed))
-    held_out = [u for u in pool if u not in trained]
-    if not held_out:
-        raise UlrecError(f"no validation users: rollout.num_users={cfg.rollout.num_users} uses all "
-                         f"{len(pool)} train users; lower it to hold some out for the sweep")
-    return draw_users(held_out, cfg.pipeline.sweep_validation_users, cfg.eval.user_seed)
+    """The sweep's ``pipeline.sweep_validation_users`` validation users (:func:`ulrec.evaluation.validation_users`)."""
+    return select_validation_users(cfg, cfg.pipeline.sweep_validation_users)
 
 
 def sweep_grid(cfg: Config) -> list[dict[str, Any]]:

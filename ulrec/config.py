@@ -490,6 +490,19 @@ class BaselinesConfig(Section):
     dorl_ensemble_epochs: int | None = Field(default=None, ge=1)
     # Evaluate A2C/DORL/CRR by sampling their policy (seeded per eval seed); False: greedy.
     eval_sample_policy: bool = True
+    # Learning curves: the policy's Len on `curve_validation_users` validation users of the *train*
+    # simulator (train users the LLM's rollouts did not play; one seed) at this many evenly spaced
+    # points of the budget (0: none). With `patience`, training stops once that many points in a
+    # row did not improve on the best, and the best point's policy is the one evaluated on test.
+    curve_points: int = Field(default=0, ge=0)
+    curve_validation_users: int = Field(default=50, ge=1)
+    patience: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _patience_needs_points(self) -> "BaselinesConfig":
+        if self.patience is not None and self.curve_points == 0:
+            raise ValueError("baselines.patience needs baselines.curve_points > 0 (the points it counts)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- serve

@@ -60,6 +60,22 @@ def select_eval_users(cfg: Config, split: str = "test") -> list[int]:
     return draw_users(eval_user_pool(histories), cfg.eval.num_users, cfg.eval.user_seed)
 
 
+def validation_users(cfg: Config, n: int) -> list[int]:
+    """Validation users: train-split users the training rollouts did not play (the same draw the
+    rollout stage makes, so the two sets are disjoint), the first ``n`` of a fixed shuffle. Used
+    to select and to draw learning curves; never test users."""
+    from ulrec.data import load_prepared
+    from ulrec.errors import UlrecError
+
+    pool = eval_user_pool(load_prepared(cfg.run_dir).user_histories("train"))
+    trained = set(draw_users(pool, cfg.rollout.num_users, cfg.run.seed))
+    held_out = [u for u in pool if u not in trained]
+    if not held_out:
+        raise UlrecError(f"no validation users: rollout.num_users={cfg.rollout.num_users} uses all "
+                         f"{len(pool)} train users; lower it to hold some out for validation")
+    return draw_users(held_out, n, cfg.eval.user_seed)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:

@@ -214,6 +214,28 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_baseline_curves(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """The RL baselines' learning curves: validation Len (train simulator) against the share of the
+    budget spent, one line per method (mean over training seeds, each seed faint)."""
+    curves = {m: s for m, s in results.items() if s.get("curve")}
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, summary in sorted(curves.items()):
+        planned = max(float(summary.get("budget", {}).get("planned") or 1), 1.0)
+        line, = ax.plot([p["done"] / planned for p in summary["curve"]], [p["len_mean"] for p in summary["curve"]],
+                        marker="o", label=_label(method))
+        for seed_curve in (summary.get("curves") or {}).values():
+            ax.plot([p["done"] / planned for p in seed_curve], [p["len_mean"] for p in seed_curve],
+                    color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax.set_xlabel("share of the training budget")
+    ax.set_ylabel("Len, validation users (train simulator)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     if len(rounds) < 2:
         return None
@@ -318,6 +340,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "training_curves": plot_training_curves(run_dir, plots_dir / "training_curves.png"),
         "sweep_heatmap": plot_sweep(sweep, plots_dir / "sweep_heatmap.png"),
         "rounds": plot_rounds(rounds, plots_dir / "rounds.png"),
+        "baseline_curves": plot_baseline_curves(results, plots_dir / "baseline_curves.png"),
     }
     plots = {k: str(v.relative_to(run_dir)) for k, v in plots.items() if v is not None}
     commit = _git_commit()
@@ -360,11 +383,14 @@ def build_report(cfg: Config) -> dict[str, Any]:
         where = (f"{sweep.get('validation_users')} validation users of the train simulator (never the test one)"
                  if sweep.get("selection") else "the test simulator (an older sweep)")
         pick = sweep.get("pick") or {}
+        joint = any("sft_cell" in c for c in sweep["cells"])  # the joint grid: which stage 1 each starts from
         md += ["## KTO sweep (paper Fig. 4)", "", f"Scored on {where}; ✓ = the pick (best Len).", "",
-               "| β | α | lr | epochs | Len | Traj Reward | |", "|---|---|---|---|---|---|---|"]
+               "| β | α | lr | epochs |" + (" from |" if joint else "") + " Len | Traj Reward | |",
+               "|---|---|---|---|" + ("---|" if joint else "") + "---|---|---|"]
         md += [
             f"| {c['beta']} | {c['alpha']} | {c.get('learning_rate', '')} | {c.get('epochs', '')} | "
-            f"{_fmt(c['len_mean'], c['len_std'])} | {_fmt(c['reward_mean'], c['reward_std'])} | "
+            + (f"{c.get('sft_cell', '')} | " if joint else "")
+            + f"{_fmt(c['len_mean'], c['len_std'])} | {_fmt(c['reward_mean'], c['reward_std'])} | "
             f"{'✓' if pick.get('name') and c.get('name') == pick.get('name') else ''} |"
             for c in sweep["cells"]
         ]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ from ulrec.console import progress_bar
 from ulrec.episodes import EPISODE_SCHEMA
 from ulrec.episodes import write_episodes as write_episode_dataset
 from ulrec.layout import EPISODES_DIR, SUMMARY_FILE
-from ulrec.evaluation import select_eval_users, summarize_episodes
+from ulrec.evaluation import select_eval_users, summarize_episodes, validation_users
 from ulrec.io import atomic_path, read_json, write_json
 from ulrec.resume import StageInputs, run_stage
 from ulrec.simulator import EchoChamberEnv, UserModel
@@ -34,6 +35,7 @@ from ulrec.simulator.fit import load_env, load_simulator, simulator_path
 from ulrec.tracking import StageLogger, stage_logger
 
 from train.baselines.algos import OFFLINE_ALGOS, POLICY_ALGOS, budget_for, build_config
+from train.baselines.curves import CurveTracker, curve_marks, mean_curve
 from train.baselines.env import env_config, make_env, train_protocol
 from train.baselines.seeding import ordered_ray_data
 from train.baselines.evaluate import episode_rows, run_episodes, write_episode_rows
@@ -78,6 +80,10 @@ def over_train_seeds(per_seed: dict[int, dict[str, Any]], pooled: dict[str, Any]
         return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
     seeds = sorted(per_seed)
+    curves = {}
+    if all("curve" in per_seed[s] for s in seeds):
+        curves = {"curve": mean_curve([per_seed[s]["curve"] for s in seeds]),
+                  "curves": {str(s): per_seed[s]["curve"] for s in seeds}}
     len_mean, len_std = mean_std([per_seed[s]["len_mean"] for s in seeds])
     reward_mean, reward_std = mean_std([per_seed[s]["reward_mean"] for s in seeds])
     if len(seeds) == 1:  # one training seed: the ± stays the one over evaluation seeds
@@ -89,6 +95,7 @@ def over_train_seeds(per_seed: dict[int, dict[str, Any]], pooled: dict[str, Any]
         "train_seeds": seeds,
         "per_train_seed": {str(s): {k: per_seed[s][k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}
                            for s in seeds},
+        **curves,
     }
 
 
@@ -170,11 +177,15 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
 
 
 def train_algorithm(
-    algo_name: str, config: Any, budget_total: int, per_call: int, online: bool, logger: StageLogger, progress: bool
+    algo_name: str, config: Any, budget_total: int, per_call: int, online: bool, logger: StageLogger, progress: bool,
+    marks: Sequence[int] = (), at_mark: Callable[[Any, int], bool] | None = None,
 ) -> tuple[Any, int]:
-    """Run ``algo.train()`` until the budget is spent; returns the algorithm and the amount done."""
+    """Run ``algo.train()`` until the budget is spent, or until ``at_mark(algo, done)`` — called
+    once the amount done reaches each of ``marks`` — returns True; returns the algorithm and the
+    amount done."""
     algo = config.build_algo()
     done = 0
+    pending = list(marks)
     with progress_bar(total=budget_total, desc=f"baseline {algo_name}", enabled=progress, unit="step" if online else "upd") as bar:
         while done < budget_total:
             result = algo.train()
@@ -186,6 +197,14 @@ def train_algorithm(
             bar.update(new - done)
             done = new
             logger.log({f"{algo_name}/{k}": v for k, v in _scalars(result).items()}, step=None)
+            stop = False
+            while pending and done >= pending[0]:
+                pending.pop(0)
+                stop = bool(at_mark(algo, done)) if at_mark is not None else False
+                if stop:
+                    break
+            if stop:
+                break
     return algo, done
 
 
@@ -210,12 +229,26 @@ def evaluate_baseline(
     return summary
 
 
+def _curve_point(algo: Any, algo_name: str, sample: bool, seed_dir: Path,
+                 validation: tuple[EchoChamberEnv, list[int]]) -> float:
+    """Len of the current policy on the validation users of the train simulator (one seed), read
+    from a checkpoint exactly as the final evaluation reads it (``seed_dir/point``)."""
+    point = seed_dir / "point"
+    with atomic_path(point) as tmp:
+        algo.save_to_path(tmp)
+    env, val_users = validation
+    played = run_episodes(load_trained_module(point), env, val_users, [0], sample=sample)
+    return float(np.mean(played["length"]))
+
+
 def _train_one_seed(
     cfg: Config, algo_name: str, train_seed: int, seed_dir: Path, env_config_: dict[str, Any],
     logged_path: Path | None, logged_stats: dict[str, Any] | None, probe: Any, test_env: EchoChamberEnv,
     users: list[int], titles: list[str] | None, logger: Any,
+    validation: tuple[EchoChamberEnv, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Train ``algo_name`` with RLlib seed ``train_seed``, checkpoint it and evaluate it."""
+    """Train ``algo_name`` with RLlib seed ``train_seed``, checkpoint it and evaluate it (with
+    ``validation``: its learning curve, and early stopping when ``baselines.patience`` is set)."""
     b = cfg.baselines
     budget = budget_for(algo_name, b)
     online = algo_name not in OFFLINE_ALGOS
@@ -231,12 +264,30 @@ def _train_one_seed(
             logged_stats["transitions"] / max(logged_stats["episodes"], 1) if logged_stats else 4.0
         ),
     )
-    started = time.perf_counter()
-    algo, done = train_algorithm(algo_name, config, budget.total, budget.per_call, online, logger, cfg.run.progress)
-    train_s = time.perf_counter() - started
     checkpoint = seed_dir / "checkpoint"
-    with atomic_path(checkpoint) as tmp:
-        algo.save_to_path(tmp)
+    sample = algo_name in POLICY_ALGOS and b.eval_sample_policy
+    tracker = CurveTracker(b.patience)
+    keep_best = b.patience is not None
+
+    def at_mark(algo: Any, done: int) -> bool:
+        len_mean = _curve_point(algo, algo_name, sample, seed_dir, validation)
+        improved, stop = tracker.add(done, len_mean)
+        logger.log({f"{algo_name}/seed{train_seed}/validation_len": len_mean,
+                    f"{algo_name}/seed{train_seed}/validation_done": done})
+        if keep_best and improved:  # the best point so far is the policy that goes to test
+            with atomic_path(checkpoint) as tmp:
+                (seed_dir / "point").rename(tmp)
+        return stop
+
+    marks = curve_marks(budget.total, b.curve_points) if validation is not None else []
+    started = time.perf_counter()
+    algo, done = train_algorithm(algo_name, config, budget.total, budget.per_call, online, logger, cfg.run.progress,
+                                 marks=marks, at_mark=at_mark if marks else None)
+    train_s = time.perf_counter() - started
+    if not (keep_best and tracker.best is not None):
+        with atomic_path(checkpoint) as tmp:
+            algo.save_to_path(tmp)
+    shutil.rmtree(seed_dir / "point", ignore_errors=True)
     algo.stop()
     # Drop the algorithm (and its Ray Data iterators) while Ray is still up.
     del algo
@@ -246,6 +297,9 @@ def _train_one_seed(
     summary = evaluate_baseline(cfg, algo_name, load_trained_module(checkpoint), test_env, users, titles,
                                 seed_dir / EPISODES_DIR)
     summary["budget"] = {"unit": budget.unit, "planned": budget.total, "done": int(done)}
+    if tracker.points:
+        summary["curve"] = tracker.points
+        summary["evaluated_at"] = tracker.best["done"] if keep_best else int(done)
     summary["train_s"] = train_s
     summary["eval_s"] = time.perf_counter() - started
     summary["train_seed"] = train_seed
@@ -289,6 +343,10 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
     probe = make_env(base_env_config)
     users = select_eval_users(cfg, "test")
     test_env = load_env(cfg, "test", max_steps=cfg.eval.max_steps)
+    validation = None
+    if b.curve_points:  # learning curves on validation users of the train simulator, never test
+        validation = (load_env(cfg, "train", max_steps=cfg.eval.max_steps),
+                      validation_users(cfg, b.curve_validation_users))
     titles = None
     if _data_file(cfg, "items.parquet") is not None:
         from ulrec.data import load_prepared
@@ -325,7 +383,7 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
                 per_seed[train_seed] = run_stage(
                     BASELINE_STAGE, cfg, seed_dir,
                     lambda _key: (_train_one_seed(cfg, algo_name, train_seed, seed_dir, algo_env_config(), logged_path,
-                                             logged_stats, probe, test_env, users, titles, logger), {}),
+                                             logged_stats, probe, test_env, users, titles, logger, validation), {}),
                     skipped=lambda _marker: read_json(seed_dir / SUMMARY_FILE), required=(SUMMARY_FILE,),
                     algo=algo_name, train_seed=train_seed)
             seed_dirs = [algo_dir / f"seed{s}" for s in b.train_seeds]
