@@ -299,3 +299,46 @@ def test_fsdp_settings_reach_the_trainer_and_cpu_workers_fall_back_to_ddp(tmp_pa
     lora_job = sft_job(make_run(tmp_path / "lora", *fsdp, "sft.lora.enabled=true"))
     with pytest.raises(DataError, match="sft.scaling.fsdp with sft.lora.enabled is not supported"):
         fsdp_arguments(lora_job, model)
+
+
+def test_train_storage_takes_local_paths_and_pyarrow_uris(tmp_path):
+    import pyarrow.fs as pafs
+
+    from ulrec.config import ConfigError, load_config
+    from ulrec.storage import delete_tree, resolve_storage
+
+    fs, path = resolve_storage("relative/dir")
+    assert isinstance(fs, pafs.LocalFileSystem) and Path(path).is_absolute()
+    fs, path = resolve_storage(f"file://{tmp_path}/store")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/store"
+    assert load_config(None, ["run.train_storage=s3://bucket/ulrec"]).run.train_storage == "s3://bucket/ulrec"
+    with pytest.raises(ConfigError, match="unsupported storage scheme 'ftp'"):
+        load_config(None, ["run.train_storage=ftp://host/x"])
+    mock = pafs._MockFileSystem()  # any pyarrow filesystem: the cleanup goes through its API only
+    mock.create_dir("store/sft-abc/checkpoint_0")
+    with mock.open_output_stream("store/sft-abc/checkpoint_0/model.bin") as out:
+        out.write(b"weights")
+    delete_tree(mock, "store/sft-abc")
+    assert mock.get_file_info("store/sft-abc").type == pafs.FileType.NotFound
+    delete_tree(mock, "store/sft-abc")  # absent: nothing to do
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_from_a_storage_uri(tmp_path, ray_session):
+    """Resume points in ``run.train_storage`` (a file:// URI standing in for s3://): a killed stage
+    leaves them there, not in the run directory; the rerun resumes from them and removes them."""
+    from ray.train import TrainingFailedError
+
+    from train.stages import sft_stage
+
+    store = tmp_path / "shared-store"
+    cfg = make_run(tmp_path, "sft.scaling.max_failures=0", f"run.train_storage=file://{store}")
+    steps_per_epoch = math.ceil(positives(cfg) / 2)
+    with pytest.raises(TrainingFailedError):
+        sft_stage(cfg, callbacks=[failing_once_callback(tmp_path / "failed", steps_per_epoch)])
+    runs = list(store.glob("sft-*"))
+    assert len(runs) == 1 and list(runs[0].rglob("checkpoint_*"))
+    assert not (cfg.run_dir / "ray_train").exists()
+    summary = sft_stage(cfg)
+    assert summary["resumed"] is True and summary["global_step"] == 2 * steps_per_epoch
+    assert not runs[0].exists()  # resume points removed once the stage is done

@@ -14,7 +14,8 @@ driver copies it atomically to ``checkpoints/<name>`` (an HF directory with toke
 transformers and vLLM), with ``metrics.jsonl`` (the trainer's log history: loss, KTO rewards, KL)
 and ``train_summary.json``.
 
-Resume: the Ray run is named after the stage's input hash and stored under ``ray_train/``. A worker
+Resume: the Ray run is named after the stage's input hash and stored under ``ray_train/`` (or
+``run.train_storage``: any pyarrow.fs URI, what a multi-node cluster needs). A worker
 failure restarts the worker group (``FailureConfig``); a killed stage rerun with the same inputs
 finds the same run in storage. Either way the loop resumes from the latest reported checkpoint
 (``ray.train.get_checkpoint`` → ``resume_from_checkpoint``). A finished stage (``_stage.json`` with
@@ -40,6 +41,7 @@ from ulrec.io import atomic_path, read_json, write_json
 from ulrec.layout import STAGE1_CHECKPOINT, VARIANT_CHECKPOINTS
 from ulrec.policy import resolve_model_dir
 from ulrec.resume import StageInputs, run_stage
+from ulrec.storage import delete_tree, resolve_storage
 from ulrec.tracking import wandb_mode
 
 FINAL_FILE = "final.json"  # marks the checkpoint reported after training ended
@@ -343,7 +345,7 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, resume_key: s
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
-    storage = cfg.layout.ray_train.resolve()
+    filesystem, storage = resolve_storage(cfg.run.train_storage or cfg.layout.ray_train)
     # The resume key names the Ray Train run: a restarted stage resumes its own checkpoints only.
     run_name = f"{job.name}-{resume_key}"
     resources = worker_resources(scaling)
@@ -355,7 +357,8 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, resume_key: s
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -376,7 +379,7 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, resume_key: s
             write_json(tmp / SUMMARY_FILE, summary)
     summary["output"] = str(out_dir)
     # The optimiser-state checkpoints are only resume points; the stage is done.
-    shutil.rmtree(storage / run_name, ignore_errors=True)
+    delete_tree(filesystem, f"{storage}/{run_name}")
     return summary
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ulrec.storage import check_storage_uri
+
 if TYPE_CHECKING:
     from ulrec.layout import RunLayout
 
@@ -60,6 +62,10 @@ class RunConfig(Section):
     seed: int = 0
     # Show tqdm progress bars (off in CI logs is fine, they are still correct).
     progress: bool = True
+    # Ray Train's resume points: a local path or a pyarrow.fs URI (s3://bucket/prefix, gs://...);
+    # None → <root>/<name>/ray_train. A multi-node cluster needs storage every node reaches
+    # (ulrec/storage.py). Not part of any resume key: it changes where, not what.
+    train_storage: Annotated[str, AfterValidator(check_storage_uri)] | None = None
 
     @field_validator("name")
     @classmethod
