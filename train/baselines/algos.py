@@ -17,7 +17,7 @@ from ulrec.config import BaselinesConfig
 from train.baselines.seeding import SEEDED_BUFFER_PATH, SeededEpisodeReplayBuffer
 from train.baselines.a2c import A2CConfig
 from train.baselines.dqn import RecDQNConfig
-from train.baselines.env import ENV_NAME
+from train.baselines.env import registered_env_name
 from train.baselines.offline import BCQConfig, CQLConfig, CRRConfig, OfflineQConfig, SQNConfig
 
 ONLINE_ALGOS = ("dqn", "a2c", "dorl")
@@ -97,7 +97,7 @@ def build_config(
         updates_per_step = b.dqn_updates_per_step
         config = (
             RecDQNConfig()
-            .environment(ENV_NAME, env_config=env_config)
+            .environment(registered_env_name(), env_config=env_config)
             .env_runners(num_env_runners=0, num_envs_per_env_runner=b.num_envs)
             .training(
                 lr=b.lr,
@@ -120,7 +120,7 @@ def build_config(
     if algo in ("a2c", "dorl"):
         config = (
             A2CConfig()
-            .environment(ENV_NAME, env_config=env_config)
+            .environment(registered_env_name(), env_config=env_config)
             .env_runners(num_env_runners=0, num_envs_per_env_runner=b.num_envs)
             .training(
                 lr=b.lr,

@@ -39,6 +39,15 @@ def make_env(env_config: dict[str, Any]) -> Any:
     return env
 
 
+def registered_env_name() -> str:
+    """:data:`ENV_NAME`, registered with the Ray session that is up now. Tune's registry lives in the
+    cluster's key-value store: a registration made for an earlier Ray session (a process that runs
+    the stage twice, or a test suite) is not in the next one, where RLlib would then look the name
+    up in Gymnasium's registry and fail."""
+    register_env(ENV_NAME, make_env)
+    return ENV_NAME
+
+
 register_env(ENV_NAME, make_env)
 
 
