@@ -181,8 +181,8 @@ def train_algorithm(
     marks: Sequence[int] = (), at_mark: Callable[[Any, int], bool] | None = None,
 ) -> tuple[Any, int]:
     """Run ``algo.train()`` until the budget is spent, or until ``at_mark(algo, done)`` — called
-    once the amount done reaches each of ``marks`` — returns True; returns the algorithm and the
-    amount done."""
+    after each ``train()`` call that reached one or more of ``marks`` (once: a call that passes two
+    marks has one policy to measure) — returns True; returns the algorithm and the amount done."""
     algo = config.build_algo()
     done = 0
     pending = list(marks)
@@ -197,13 +197,9 @@ def train_algorithm(
             bar.update(new - done)
             done = new
             logger.log({f"{algo_name}/{k}": v for k, v in _scalars(result).items()}, step=None)
-            stop = False
-            while pending and done >= pending[0]:
-                pending.pop(0)
-                stop = bool(at_mark(algo, done)) if at_mark is not None else False
-                if stop:
-                    break
-            if stop:
+            reached = [m for m in pending if m <= done]
+            del pending[:len(reached)]
+            if reached and at_mark is not None and at_mark(algo, done):
                 break
     return algo, done
 
@@ -229,7 +225,7 @@ def evaluate_baseline(
     return summary
 
 
-def _curve_point(algo: Any, algo_name: str, sample: bool, seed_dir: Path,
+def _curve_point(algo: Any, sample: bool, seed_dir: Path,
                  validation: tuple[EchoChamberEnv, list[int]]) -> float:
     """Len of the current policy on the validation users of the train simulator (one seed), read
     from a checkpoint exactly as the final evaluation reads it (``seed_dir/point``)."""
@@ -270,7 +266,7 @@ def _train_one_seed(
     keep_best = b.patience is not None
 
     def at_mark(algo: Any, done: int) -> bool:
-        len_mean = _curve_point(algo, algo_name, sample, seed_dir, validation)
+        len_mean = _curve_point(algo, sample, seed_dir, validation)
         improved, stop = tracker.add(done, len_mean)
         logger.log({f"{algo_name}/seed{train_seed}/validation_len": len_mean,
                     f"{algo_name}/seed{train_seed}/validation_done": done})
