@@ -66,9 +66,30 @@ class RolloutSources:
     env_factory: Callable[[], EchoChamberEnv]
 
 
-def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=None) -> Policy:
-    """The policy engine; a ReAct collector (``rollout.collector.prompt_style: react``) wraps it."""
+@dataclass(frozen=True)
+class BiLLPSetup:
+    """What a replica needs to run the BiLLP planner: its memory (built from the training rollouts)
+    and the ``billp`` and ``grounding`` config sections (its grounder is the critic's embedder)."""
+
+    memory: Any
+    billp_cfg: Any
+    grounding_cfg: Any
+
+
+def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=None,
+                    billp: BiLLPSetup | None = None) -> Policy:
+    """The policy engine; a ReAct collector (``rollout.collector.prompt_style: react``) or the
+    BiLLP planner (``billp``) wraps it."""
     policy = make_policy(policy_cfg, model_dir, titles=titles)
+    if billp is not None:
+        from ulrec.grounding import Grounder
+        from ulrec.policy.billp import BiLLPPolicy
+
+        b = billp.billp_cfg
+        return BiLLPPolicy(policy, billp.memory, Grounder.from_config(billp.grounding_cfg, titles),
+                           reflections=b.reflections, candidates=b.candidates, critic_window=b.critic_window,
+                           # constrained decoding can only write actions, not a plan line
+                           plan_tokens=0 if policy_cfg.constrained else b.plan_tokens)
     if collector is not None and collector.prompt_style == "react":
         from ulrec.policy.react import ReActPolicy
 
@@ -88,7 +109,8 @@ def _env_factory(cfg: Config, split: str, max_steps: int) -> EchoChamberEnv:
     return load_env(cfg, split, max_steps=max_steps)
 
 
-def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, collector=None) -> RolloutSources:
+def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, collector=None,
+                billp: BiLLPSetup | None = None) -> RolloutSources:
     """The real pieces: prepared data, the saved simulator of ``split``, the policy at ``model_dir``."""
     from ulrec.data import load_prepared
     from ulrec.simulator.fit import env_config_for, simulator_path
@@ -104,7 +126,7 @@ def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, coll
     return RolloutSources(
         titles=data.titles,
         histories=data.user_histories(split, max_len=cfg.policy.history_length),
-        policy_factory=partial(_policy_factory, cfg.policy, str(model_dir), collector=collector),
+        policy_factory=partial(_policy_factory, cfg.policy, str(model_dir), collector=collector, billp=billp),
         grounder_factory=partial(_grounder_factory, cfg.grounding),
         env_factory=partial(_env_factory, cfg, split, max_steps),
     )
@@ -122,11 +144,13 @@ def run_rollout(
     out_dir: Path,
     policy_name: str,
     collector=None,
+    billp: BiLLPSetup | None = None,
 ) -> dict[str, Any]:
     """Play one episode per (user, seed) with the policy at ``model_dir`` on ``split``'s
     simulator and write them to ``out_dir`` as Parquet (one row per episode). Returns the summary
     (episodes, mean length and reward, exit-reason and grounding shares, tokens, tokens/s, times).
-    ``collector`` (``cfg.rollout.collector``) makes it a ReAct collector when its style says so.
+    ``collector`` (``cfg.rollout.collector``) makes it a ReAct collector when its style says so;
+    ``billp`` makes the policy the BiLLP planner on that model.
     """
     if split not in ("train", "test"):
         raise InputError(f"split must be 'train' or 'test' (got {split!r})")
@@ -134,7 +158,8 @@ def run_rollout(
         raise InputError(f"max_steps must be >= 1 (got {max_steps})")
     if collector is not None and collector.prompt_style == "react" and cfg.policy.constrained:
         raise InputError("rollout.collector.prompt_style=react needs policy.constrained=false (thoughts are free text)")
-    sources = run_sources(cfg, model_dir=model_dir, split=split, max_steps=max_steps, collector=collector)
+    sources = run_sources(cfg, model_dir=model_dir, split=split, max_steps=max_steps, collector=collector,
+                          billp=billp)
     return collect_episodes(
         cfg,
         sources,

@@ -52,13 +52,43 @@ def eval_methods(cfg: Config) -> list[str]:
 
 
 # One method's evaluation: its model by content, the users and split it plays, the simulator of
-# that split (a refit or deleted simulator never serves cached results), the prepared data.
+# that split (a refit or deleted simulator never serves cached results), the prepared data, and the
+# protocol it is played under (eval.temperature / max_steps / seeds). Not the whole eval section:
+# which methods are listed, or whether ablations are, does not change a method's numbers.
+# BiLLP also reads its own section and the training rollouts its memory is built from.
 EVAL_STAGE = StageInputs(
-    "evaluation", ("eval", "env", "policy", "grounding"),
-    lambda cfg, model_dir, users, split, collector: {
+    "evaluation", ("env", "policy", "grounding"),
+    lambda cfg, model_dir, users, split, collector, billp=False: {
         "model": Path(model_dir), "users": list(users), "split": split, "collector": collector,
-        "data": prepared_data(cfg.run_dir), "simulator": simulator_fingerprint(cfg, split)},
+        "data": prepared_data(cfg.run_dir), "simulator": simulator_fingerprint(cfg, split),
+        "protocol": {"temperature": cfg.eval.temperature, "max_steps": cfg.eval.max_steps,
+                     "seeds": list(cfg.eval.seeds)},
+        **({"billp": cfg.billp.model_dump(), "rollouts": cfg.layout.rollouts("train")} if billp else {})},
 )
+
+BILLP_MEMORY_FILE = "memory.json"
+
+
+def billp_setup(cfg: Config, method_dir: Path):
+    """BiLLP's memory from the training rollouts (train simulator: never the test users), saved
+    beside its evaluation as ``memory.json``; returns the setup the replicas build the planner from."""
+    import pyarrow.parquet as pq
+
+    from rollout.driver import BiLLPSetup
+    from ulrec.data import load_prepared
+    from ulrec.grounding import Grounder
+    from ulrec.policy.billp import build_memory, save_memory
+
+    rollouts = cfg.layout.rollouts("train")
+    if not rollouts.is_dir():
+        raise UlrecError(f"billp: no training rollouts at {rollouts} (run `ulrec rollout` first)")
+    episodes = pq.read_table(rollouts).to_pylist()
+    titles = load_prepared(cfg.run_dir).titles
+    embeddings = Grounder.from_config(cfg.grounding, titles).catalogue_embeddings()
+    memory = build_memory(episodes, titles, embeddings, cfg.billp.critic_window)
+    method_dir.mkdir(parents=True, exist_ok=True)
+    save_memory(memory, method_dir / BILLP_MEMORY_FILE)
+    return BiLLPSetup(memory=memory, billp_cfg=cfg.billp, grounding_cfg=cfg.grounding)
 
 
 def evaluate_model(
@@ -76,8 +106,10 @@ def evaluate_model(
     check_model_dir(model_dir, f"{method} model")
     method_dir = (out_root or cfg.layout.eval) / method
     collector = cfg.rollout.collector if method == "collector" else None
+    is_billp = method == "billp"
 
     def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        billp = billp_setup(cfg, method_dir) if is_billp else None
         rollout_summary = run_rollout(
             cfg,
             model_dir=str(model_dir),
@@ -89,6 +121,7 @@ def evaluate_model(
             out_dir=method_dir / EPISODES_DIR,
             policy_name=method,
             collector=collector,
+            billp=billp,
         )
         summary = summarize_episodes(read_episodes(method_dir / EPISODES_DIR))
         summary.update(
@@ -99,13 +132,16 @@ def evaluate_model(
             tokens_per_s=rollout_summary.get("tokens_per_s"),
             wall_s=rollout_summary.get("wall_s"),
         )
+        if billp is not None:
+            summary["billp"] = {**cfg.billp.model_dump(), **billp.memory.stats,
+                                "critic": billp.memory.describe()}
         write_json(method_dir / SUMMARY_FILE, summary)
         return summary, {}
 
     return run_stage(EVAL_STAGE, cfg, method_dir, build, required=(SUMMARY_FILE, EPISODES_DIR),
                      skipped=lambda _marker: read_json(method_dir / SUMMARY_FILE),
                      model_dir=model_dir, users=users, split=split,
-                     collector=collector.model_dump() if collector else None)
+                     collector=collector.model_dump() if collector else None, billp=is_billp)
 
 
 def eval_stage(cfg: Config) -> dict[str, Any]:

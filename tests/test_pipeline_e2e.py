@@ -56,6 +56,8 @@ TINY_RUN = [
     "eval.num_users=10",
     "eval.seeds=[0,1]",
     "eval.max_steps=6",
+    "eval.methods=[base,ulrec-p,ulrec,billp]",
+    "billp.candidates=2",
 ]
 
 STAGE_OUTPUTS = [
@@ -72,6 +74,8 @@ STAGE_OUTPUTS = [
     "eval/base/summary.json",
     "eval/ulrec-p/summary.json",
     "eval/ulrec/summary.json",
+    "eval/billp/summary.json",
+    "eval/billp/memory.json",
     "report.md",
     "results.json",
     "plots/len_distribution.png",
@@ -79,6 +83,12 @@ STAGE_OUTPUTS = [
     "plots/training_curves.png",
     "timings.json",
 ]
+
+
+def rollout_episodes(run_dir) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(run_dir / "rollouts/train", columns=["user_id"]).num_rows
 
 
 @pytest.fixture
@@ -145,15 +155,22 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
 
     # The table is printed and the report carries the paper's Table 1 shape.
     cell = r"[0-9.]+ ± [0-9.]+"
-    table_rows = [rf"^\| +\| Base \| ULRec-P \| ULRec \|$", rf"^\| Len ↑ \| {cell} \| {cell} \| {cell} \|$",
-                  rf"^\| Traj Reward ↑ \| {cell} \| {cell} \| {cell} \|$"]
+    table_rows = [r"^\| +\| BiLLP \| Base \| ULRec-P \| ULRec \|$",
+                  rf"^\| Len ↑ \| {cell} \| {cell} \| {cell} \| {cell} \|$",
+                  rf"^\| Traj Reward ↑ \| {cell} \| {cell} \| {cell} \| {cell} \|$"]
     report = (run_dir / "report.md").read_text()
     for pattern in table_rows:
         assert re.search(pattern, first, re.M) and re.search(pattern, report, re.M), pattern
     for heading in ("## Main results (paper Table 1)", "## Exit reasons and grounding", "## Plots"):
         assert heading in report
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["results"]) == {"base", "ulrec-p", "ulrec"}
+    assert set(results["results"]) == {"base", "ulrec-p", "ulrec", "billp"}
+    # BiLLP: the base model planning with a memory of the training rollouts.
+    billp = results["results"]["billp"]
+    assert billp["billp"]["candidates"] == 2 and billp["billp"]["episodes"] > 0
+    assert "- BiLLP (base model, no training): 2 retrieved reflections" in report
+    memory = json.loads((run_dir / "eval/billp/memory.json").read_text())
+    assert len(memory["reflections"]) == billp["billp"]["episodes"] == rollout_episodes(run_dir)
     for summary in results["results"].values():
         assert summary["episodes"] == 10 * 2
         assert 0 <= summary["len_mean"] <= 6

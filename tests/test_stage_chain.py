@@ -24,7 +24,7 @@ from ulrec.model_init import EMBEDDED_MODEL_STAGE
 from ulrec.resume import resume_key
 from ulrec.simulator.fit import SIMULATORS_STAGE
 
-CHAIN = ["data", "simulators", "base model", "rollouts", "rows", "sft", "kto", "eval"]
+CHAIN = ["data", "simulators", "base model", "rollouts", "rows", "sft", "kto", "eval", "billp eval"]
 BASE = ["data.dataset=synthetic", "wandb.enabled=false"]
 
 
@@ -60,17 +60,21 @@ def walk(root: Path, overrides: list[str]) -> dict[str, str]:
     _mark(lay.checkpoint("kto"), keys["kto"])
     keys["eval"] = resume_key(EVAL_STAGE, cfg, model_dir=lay.checkpoint("kto"), users=[1, 2, 3], split="test",
                               collector=None)
+    # BiLLP runs on the base model with a memory built from the training rollouts.
+    keys["billp eval"] = resume_key(EVAL_STAGE, cfg, model_dir=lay.base_model, users=[1, 2, 3], split="test",
+                                    collector=None, billp=True)
     return keys
 
 
 # What each stage consumes (the pipeline's graph; the base model does not read the simulators).
 CONSUMES = {"data": [], "simulators": ["data"], "base model": ["data"], "rollouts": ["data", "simulators", "base model"],
-            "rows": ["rollouts"], "sft": ["rows", "base model"], "kto": ["rows", "sft"], "eval": ["kto", "simulators", "data"]}
+            "rows": ["rollouts"], "sft": ["rows", "base model"], "kto": ["rows", "sft"], "eval": ["kto", "simulators", "data"],
+            "billp eval": ["base model", "rollouts", "simulators", "data"]}
 
 
-def below(stage: str) -> set[str]:
-    """``stage`` and everything that consumes it, directly or not."""
-    out = {stage}
+def below(stages: str | tuple[str, ...]) -> set[str]:
+    """``stages`` and everything that consumes them, directly or not."""
+    out = {stages} if isinstance(stages, str) else set(stages)
     while True:
         more = {s for s, inputs in CONSUMES.items() if set(inputs) & out} - out
         if not more:
@@ -92,7 +96,9 @@ def below(stage: str) -> set[str]:
         ("feedback.min_accepted_steps=3", "rows"),
         ("sft.learning_rate=1e-3", "sft"),
         ("kto.beta=0.05", "kto"),
-        ("eval.temperature=0.7", "eval"),
+        ("eval.temperature=0.7", ("eval", "billp eval")),  # the protocol every method is played under
+        ("eval.seeds=[0,1]", ("eval", "billp eval")),
+        ("billp.candidates=2", "billp eval"),
     ],
 )
 def test_a_changed_input_reruns_its_stage_and_those_below(tmp_path, override, first):
@@ -103,6 +109,8 @@ def test_a_changed_input_reruns_its_stage_and_those_below(tmp_path, override, fi
 
 
 @pytest.mark.parametrize("override", ["run.progress=false", "run.name=other", "wandb.enabled=true",
-                                      "pipeline.sweep_betas=[0.1]", "serve.port=9000"])
+                                      "pipeline.sweep_betas=[0.1]", "serve.port=9000",
+                                      # which methods are listed does not change any one's numbers
+                                      "eval.methods=[base]", "eval.ablations=true"])
 def test_what_no_stage_reads_reruns_nothing(tmp_path, override):
     assert walk(tmp_path / "before", []) == walk(tmp_path / "after", [override])

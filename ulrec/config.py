@@ -421,6 +421,19 @@ class EvalConfig(Section):
     ablations: bool = False
 
 
+class BiLLPConfig(Section):
+    """The BiLLP planner (``eval.methods: [billp]``; ``ulrec.policy.billp``) on the base model."""
+
+    # Reflections of the most similar training users shown as guidance at every step.
+    reflections: int = Field(default=2, ge=0)
+    # Tokens of the planner's one-line plan per step; 0 skips planning (actor + critic only).
+    plan_tokens: int = Field(default=32, ge=0)
+    # Actor proposals per step, one batched call; the critic picks the likeliest to keep the user.
+    candidates: int = Field(default=4, ge=1)
+    # How many of the latest received items the critic's similarity feature looks at (the env's W).
+    critic_window: int = Field(default=4, ge=1)
+
+
 class PipelineConfig(Section):
     # Iterative rounds beyond the paper: collect with the tuned policy and train again.
     rounds: int = Field(default=1, ge=1)
@@ -629,6 +642,7 @@ class Config(Section):
     kto: KTOConfigSection = Field(default_factory=KTOConfigSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    billp: BiLLPConfig = Field(default_factory=BiLLPConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

@@ -30,6 +30,7 @@ METHOD_LABELS = {
     "ulrec": "ULRec",
     "wo-sft": "w/o SFT",
     "wo-kto": "w/o KTO",
+    "billp": "BiLLP",
     "dqn": "DQN",
     "a2c": "A2C",
     "dorl": "DORL",

@@ -148,6 +148,7 @@ class Grounder:
             self._exact.setdefault(normalize_title(title), item_id)
         self._cache = _LRU(cache_size)
         self._index = None
+        self._catalogue: np.ndarray | None = None
         self.stats = {"exact": 0, "substituted": 0, "format_error": 0, "embedded": 0, "cache_hits": 0}
 
     @classmethod
@@ -169,7 +170,14 @@ class Grounder:
             self._embed_fn = load_sentence_embedder(self.embedder, self.device, self.batch_size)
         return _unit(self._embed_fn(texts))
 
-    def _catalogue_embeddings(self) -> np.ndarray:
+    def catalogue_embeddings(self) -> np.ndarray:
+        """Unit-length embeddings of every catalogue title, row i = item i (computed once; cached
+        on disk when a cache directory is given). BiLLP's critic and memory read them too."""
+        if self._catalogue is None:
+            self._catalogue = self._load_catalogue_embeddings()
+        return self._catalogue
+
+    def _load_catalogue_embeddings(self) -> np.ndarray:
         path = None
         if self.cache_dir is not None and self.embedder_id is not None:
             digest = hashlib.sha256(("\x00".join([self.embedder_id, *self.titles])).encode()).hexdigest()[:24]
@@ -194,7 +202,7 @@ class Grounder:
             return
         import faiss
 
-        emb = self._catalogue_embeddings()
+        emb = self.catalogue_embeddings()
         index = faiss.IndexFlatL2(emb.shape[1])
         if self.use_gpu_index and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self._gpu_resources = faiss.StandardGpuResources()
@@ -224,6 +232,10 @@ class Grounder:
         self.ensure_index()
         _, idx = self._index.search(self.embed(texts), 1)
         return [int(i) for i in idx[:, 0]]
+
+    def exact_item(self, title: str) -> int | None:
+        """The item whose title matches ``title`` exactly after normalisation, or None."""
+        return self._exact.get(normalize_title(title))
 
     def ground(self, raw_titles: list[str | None]) -> list[GroundResult]:
         """Ground each parsed title (None = the output did not parse)."""

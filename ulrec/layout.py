@@ -34,6 +34,7 @@ METHOD_CHECKPOINTS: dict[str, str | None] = {
     "ulrec": VARIANT_CHECKPOINTS["full"],
     "wo-sft": VARIANT_CHECKPOINTS["no_sft"],
     "wo-kto": VARIANT_CHECKPOINTS["no_kto"],
+    "billp": None,  # the BiLLP planner runs on the base model (ulrec.policy.billp)
 }
 # Episodes on disk: a Parquet dataset directory (``rollout.episode.EPISODE_SCHEMA``) named this.
 EPISODES_DIR = "episodes"

@@ -24,6 +24,8 @@ from ulrec.tracking import read_metrics
 LLM_ORDER = ["collector", "base", "ulrec-p", "ulrec"]
 ABLATION_ORDER = ["base", "ulrec-p", "wo-sft", "wo-kto", "ulrec"]
 BASELINE_ORDER = ["bcq", "cql", "crr", "dqn", "sqn", "a2c", "dorl"]
+# The LLM planner column (paper Table 1: between the RL baselines and the LLM methods).
+PLANNER_ORDER = ["billp"]
 
 
 def _label(method: str) -> str:
@@ -62,7 +64,7 @@ def _fmt(mean: float, std: float) -> str:
 
 def table_main(results: dict[str, dict[str, Any]]) -> str:
     """Paper Table 1: baselines and LLM methods as columns; Len and Traj Reward as rows."""
-    methods = _ordered(results, BASELINE_ORDER + LLM_ORDER)
+    methods = _ordered(results, BASELINE_ORDER + PLANNER_ORDER + LLM_ORDER)
     methods += [m for m in results if m not in methods and m not in ("wo-sft", "wo-kto")]
     if not methods:
         return "_no evaluated methods_\n"
@@ -297,6 +299,14 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
         seeds = sorted({tuple(results[m].get("train_seeds", [])) for m in over})
         md.append(f"- RL baselines' ± : over {', '.join(sorted(set(over.values())))}"
                   + (f" (training seeds {', '.join(str(list(s)) for s in seeds)})" if any(seeds) else ""))
+    if "billp" in results and results["billp"].get("billp"):
+        b = results["billp"]["billp"]
+        md.append(
+            f"- BiLLP (base model, no training): {b['reflections']} retrieved reflections, plan "
+            f"{b['plan_tokens']} tokens, {b['candidates']} actor proposals per step; memory from "
+            f"{b['episodes']} training episodes ({b['steps']} steps, stay rate {b['stay_rate']:.2f}); critic "
+            f"train accuracy {b['critic_train_accuracy']:.2f} ({b['critic']})"
+        )
     timings_path = RunLayout(run_dir).timings
     if timings_path.is_file():
         timings = read_json(timings_path)
