@@ -187,3 +187,13 @@ def _unreadable_for(backend: ScriptedBackend, bad_seed: int):
         return [GenerationResult("I would suggest", 3) if s == bad_seed else o for o, s in zip(out, seeds)]
 
     return generate
+
+
+def test_billp_without_training_rollouts_is_a_one_line_error(tmp_path):
+    from rollout.evaluate import billp_setup
+    from ulrec.config import load_config
+    from ulrec.errors import UlrecError
+
+    cfg = load_config(None, [f"run.root={tmp_path}", "data.dataset=synthetic"])
+    with pytest.raises(UlrecError, match=r"billp: no training rollouts at .*rollouts/train \(run `ulrec rollout` first\)"):
+        billp_setup(cfg, tmp_path / "eval" / "billp")
