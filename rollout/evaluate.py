@@ -83,9 +83,8 @@ def billp_setup(cfg: Config, method_dir: Path):
     if not rollouts.is_dir():
         raise UlrecError(f"billp: no training rollouts at {rollouts} (run `ulrec rollout` first)")
     episodes = pq.read_table(rollouts).to_pylist()
-    titles = load_prepared(cfg.run_dir).titles
-    embeddings = Grounder.from_config(cfg.grounding, titles).catalogue_embeddings()
-    memory = build_memory(episodes, titles, embeddings, cfg.billp.critic_window)
+    grounder = Grounder.from_config(cfg.grounding, load_prepared(cfg.run_dir).titles)
+    memory = build_memory(episodes, grounder, cfg.billp.critic_window)
     method_dir.mkdir(parents=True, exist_ok=True)
     save_memory(memory, method_dir / BILLP_MEMORY_FILE)
     return BiLLPSetup(memory=memory, billp_cfg=cfg.billp, grounding_cfg=cfg.grounding)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ulrec.errors import UlrecError
     from ulrec.grounding import Grounder
     from ulrec.policy import make_policy, resolve_model_dir
-    from ulrec.policy.billp import (BiLLPMemory, actor_prompt, candidate_seed, history_key, parse_transcript,
+    from ulrec.policy.billp import (actor_prompt, candidate_seed, catalogue_item, history_key, load_memory, parse_transcript,
                                     planner_prompt)
     from ulrec.prompts import parse_action
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (method_dir / BILLP_MEMORY_FILE).is_file():
             raise UlrecError(f"no BiLLP evaluation at {method_dir} (run `ulrec eval` with billp in eval.methods)")
         titles = load_prepared(cfg.run_dir).titles
-        memory = BiLLPMemory.from_json(json.loads((method_dir / BILLP_MEMORY_FILE).read_text()))
+        memory = load_memory(method_dir / BILLP_MEMORY_FILE)
         episodes = pq.read_table(method_dir / "episodes").to_pylist()
     except UlrecError as exc:
         print(f"billp_proposals: error: {exc}", file=sys.stderr)
@@ -62,12 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     policy = make_policy(cfg.policy, resolve_model_dir(cfg), titles=titles)
     b, k = cfg.billp, cfg.billp.candidates
 
-    def item(title):
-        found = grounder.exact_item(title) if title else None
-        return -1 if found is None else found
-
     parsed = [parse_transcript(s["prompt"]) for s in exits]
-    guidance = [memory.retrieve(history_key([item(t) for t in p.history], emb), b.reflections) for p in parsed]
+    guidance = [memory.retrieve(history_key([catalogue_item(grounder, t) for t in p.history], emb), b.reflections) for p in parsed]
     seeds = list(range(len(parsed)))  # fresh seeds: how diverse proposals are, not the episodes' exact draw
     plans = [None] * len(parsed)
     if b.plan_tokens > 0:
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     grounded = grounder.ground([parse_action(o.text) for o in proposals])
     distinct, all_received = collections.Counter(), 0
     for i, p in enumerate(parsed):
-        received = {item(s.title) for s in p.steps}
+        received = {catalogue_item(grounder, s.title) for s in p.steps}
         items = [grounded[i * k + j].item_id for j in range(k)]
         distinct[len(set(items))] += 1
         all_received += all(x in received for x in items)

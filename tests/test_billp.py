@@ -117,7 +117,7 @@ def _training_episodes() -> list[dict]:
 
 def test_memory_learns_the_exits_and_retrieves_similar_users():
     emb = _embeddings()
-    memory = build_memory(_training_episodes(), TITLES, emb, critic_window=4)
+    memory = build_memory(_training_episodes(), grounder(), critic_window=4)
     w = dict(zip(("bias",) + CRITIC_FEATURES, memory.critic_weights))
     assert w["repeat"] < -1.0 and w["similar_recent"] < 0  # repeats and near neighbours end episodes
     assert memory.stats["episodes"] == 36 and memory.stats["critic_train_accuracy"] > 0.9
@@ -150,8 +150,7 @@ class ScriptedBackend:
 
 
 def test_policy_plans_proposes_and_the_critic_picks_the_step_that_keeps_the_user():
-    emb = _embeddings()
-    memory = build_memory(_training_episodes(), TITLES, emb, critic_window=4)
+    memory = build_memory(_training_episodes(), grounder(), critic_window=4)
     seed = 11
     # Proposal 0 repeats Fargo, 1 is Aliens right after Alien, 2 is unreadable, 3 is Big: the critic
     # must pick Big.

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ulrec.policy.base import GenerationResult, Policy
+from ulrec.policy.base import GenerationResult, Policy, SeedStream
 from ulrec.prompts import parse_action, single_line
 
 # ----------------------------------------------------------------------------- transcript parsing
@@ -243,6 +243,12 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
+def catalogue_item(grounder, title: str | None) -> int:
+    """The catalogue item of a title the transcript shows (exact match), -1 when there is none."""
+    item = grounder.exact_item(title) if title is not None else None
+    return -1 if item is None else item
+
+
 def history_key(history: Sequence[int], embeddings: np.ndarray) -> np.ndarray:
     """The retrieval key of a user: unit mean embedding of the history items (zeros without one)."""
     items = [i for i in history if i >= 0]
@@ -251,14 +257,15 @@ def history_key(history: Sequence[int], embeddings: np.ndarray) -> np.ndarray:
     return _unit(embeddings[items].mean(axis=0)).astype(np.float32)
 
 
-def build_memory(episodes: Sequence[dict[str, Any]], titles: Sequence[str], embeddings: np.ndarray,
-                 critic_window: int, l2: float = 1e-2) -> BiLLPMemory:
+def build_memory(episodes: Sequence[dict[str, Any]], grounder, critic_window: int, l2: float = 1e-2) -> BiLLPMemory:
     """Macro- and micro-learning from finished episodes (``ulrec.episodes`` rows, e.g. the training
     rollouts): one reflection per episode, and the critic fitted on every step (label: stayed).
 
-    The item stay rate of a training step leaves that step out, so the critic does not learn to
-    trust a feature that memorised its own label."""
-    index = {t: i for i, t in enumerate(titles)}
+    ``grounder`` (``ulrec.grounding.Grounder``) gives the catalogue, its title embeddings and the
+    title → item match, the same ones :class:`BiLLPPolicy` reads at run time. The item stay rate of
+    a training step leaves that step out, so the critic does not learn to trust a feature that
+    memorised its own label."""
+    titles, embeddings = grounder.titles, grounder.catalogue_embeddings()
     n_items = len(titles)
     stays = np.zeros(n_items)
     counts = np.zeros(n_items)
@@ -267,7 +274,7 @@ def build_memory(episodes: Sequence[dict[str, Any]], titles: Sequence[str], embe
         steps = sorted(ep["steps"], key=lambda s: s["step"])
         if not steps:
             continue
-        history = [index.get(t, -1) for t in parse_transcript(steps[0]["prompt"]).history]
+        history = [catalogue_item(grounder, t) for t in parse_transcript(steps[0]["prompt"]).history]
         parsed.append((ep, steps, history))
         for s in steps:
             if s["item_id"] >= 0:
@@ -364,20 +371,18 @@ class BiLLPPolicy:
         self.critic_window = critic_window
         self.last_plans: list[str] = []
         self.last_scores: list[list[float]] = []
+        # Seeds for calls that pass none (the replica always passes them).
+        self._seeds = SeedStream(inner.sampling.seed)
 
     def _items(self, titles: Sequence[str | None]) -> list[int]:
-        out = []
-        for t in titles:
-            item = self.grounder.exact_item(t) if t is not None else None
-            out.append(-1 if item is None else item)
-        return out
+        return [catalogue_item(self.grounder, t) for t in titles]
 
     def generate(self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
                  max_tokens: int | None = None) -> list[GenerationResult]:
         if not prompts:
             return []
         if seeds is None:
-            seeds = self.inner_seeds(len(prompts))
+            seeds = self._seeds.take(len(prompts))
         emb = self.grounder.catalogue_embeddings()
         parsed = [parse_transcript(p) for p in prompts]
         histories = [self._items(t.history) for t in parsed]
@@ -413,13 +418,6 @@ class BiLLPPolicy:
             self.last_scores.append(scores)
         self.last_plans = [p or "" for p in plans]
         return results
-
-    def inner_seeds(self, n: int) -> list[int]:
-        from ulrec.policy.base import SeedStream
-
-        if not hasattr(self, "_seed_stream"):
-            self._seed_stream = SeedStream(self.sampling.seed)
-        return self._seed_stream.take(n)
 
     def close(self) -> None:
         self.inner.close()
