@@ -105,13 +105,15 @@ SWEEP = ["pipeline.use_sweep_pick=true", "pipeline.sweep_betas=[0.01,0.5]", "pip
          "pipeline.sweep_validation_users=8"]
 # A second round (beyond the paper): rollouts with round 1's ULRec policy, rows of both rounds, KTO again.
 ROUNDS = ["pipeline.rounds=2"]
+# Stage 2 also learns from the stage-1 model's own exits at the evaluation temperature.
+ON_POLICY = ["kto.on_policy.enabled=true"]
 
 
 @pytest.mark.slow
 def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_ray_session):
     import pyarrow.parquet as pq
 
-    args = ["run", *TINY_RUN, *SWEEP, *ROUNDS, f"run.root={tmp_path}"]
+    args = ["run", *TINY_RUN, *SWEEP, *ROUNDS, *ON_POLICY, f"run.root={tmp_path}"]
     assert main(args) == 0
     first = capsys.readouterr().out
     run_dir = tmp_path / "e2e"
@@ -144,6 +146,18 @@ def test_run_chains_every_stage_then_skips_them_on_rerun(tmp_path, capsys, own_r
     # stage 2 is the pick's checkpoint (adopted, not trained again)
     assert "== KTO (ULRec)\n   skipped" in first
     assert f"β {sweep['pick']['beta']:g}" in (run_dir / "report.md").read_text()
+
+    # kto.on_policy: the stage-1 pick played the training users on the train simulator at the
+    # evaluation temperature, once (the sweep's cell and the adopted checkpoint share the rollout),
+    # and stage 2 trained on the collector's rows plus its negatives.
+    [own_dir] = (run_dir / "rollouts").glob("onpolicy-*")
+    own = pq.read_table(own_dir, columns=["user_id", "split"])
+    assert set(own.column("user_id").to_pylist()) == rollout_users and set(own.column("split").to_pylist()) == {"train"}
+    on_policy = json.loads((run_dir / "rows_onpolicy/sft/stats.json").read_text())
+    assert on_policy["temperature"] == 0.5 and on_policy["keep"] == "negatives"
+    stage2_rows = pq.read_table(run_dir / "rows_onpolicy/sft/kto.parquet")
+    assert stage2_rows.num_rows == pq.read_table(run_dir / "rows/kto.parquet").num_rows + on_policy["on_policy_negatives"]
+    assert "## Stage 2's on-policy rows" in (run_dir / "report.md").read_text()
 
     # Round 2: collected by round 1's ULRec policy, trained from it, evaluated like the others.
     rounds = json.loads((run_dir / "rounds.json").read_text())

@@ -574,8 +574,17 @@ def kto_stage(
     output_name: str | None = None,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Stage 2 (ULRec) or an ablation under Ray Train → ``checkpoints/<name>`` (see :func:`kto_job`)."""
+    """Stage 2 (ULRec) or an ablation under Ray Train → ``checkpoints/<name>`` (see :func:`kto_job`).
+
+    With ``kto.on_policy.enabled`` and no ``rows_path``, the KTO rows are the collector's plus the
+    starting model's own rollouts' (:mod:`train.on_policy`), collected first when not done yet."""
     variant = variant or cfg.kto.variant
+    if cfg.kto.on_policy.enabled and rows_path is None and variant != "no_kto":
+        from train.on_policy import on_policy_stage
+
+        start = _require(Path(init_model) if init_model else cfg.layout.checkpoint(STAGE1_CHECKPOINT),
+                         "stage-1 checkpoint", "run `ulrec train sft` first")
+        rows_path = on_policy_stage(cfg, start)["kto_rows"]
     job = kto_job(cfg, variant=variant, rows_path=rows_path, init_model=init_model,
                   output_name=output_name, callbacks=callbacks)
     return _stage(cfg, job, "kto", cfg.kto.scaling, cfg.layout.checkpoint(job.name), {"variant": variant})

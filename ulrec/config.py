@@ -376,6 +376,21 @@ class SFTConfigSection(Section):
     scaling: TrainScaling = Field(default_factory=TrainScaling)
 
 
+class OnPolicyConfig(Section):
+    """Beyond the paper: stage 2 also learns from the stage-1 model's own rollouts.
+
+    The training rollouts explore at ``rollout.temperature`` with the collector, where the tuned
+    model's failure at evaluation (repeating its favourite items at ``eval.temperature``) rarely
+    happens, so the KTO rows hardly show it. When enabled, the model stage 2 starts from plays the
+    same training users (train simulator) at ``temperature``, and its rows join the KTO rows.
+    """
+
+    enabled: bool = False
+    temperature: float | None = Field(default=None, ge=0)  # None: eval.temperature
+    # "negatives": only its exit steps join (the positives stay the collector's); "all": every row.
+    rows: Literal["all", "negatives"] = "negatives"
+
+
 class KTOConfigSection(Section):
     learning_rate: float = Field(default=5e-6, gt=0)
     epochs: float = Field(default=3.0, gt=0)
@@ -399,6 +414,7 @@ class KTOConfigSection(Section):
     # Reference log-probs computed once before training (TRL), so the reference model is not kept
     # beside the policy during the steps. With LoRA the reference is the adapter-free model anyway.
     precompute_ref_log_probs: bool = False
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     scaling: TrainScaling = Field(default_factory=TrainScaling)
 

@@ -283,6 +283,8 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
     )
     weight = cfg.kto.undesirable_weight
     rows_stats_path = RunLayout(run_dir).rows() / "stats.json"
+    if cfg.kto.on_policy.enabled:  # stage 2 trained on the combined rows
+        rows_stats_path = RunLayout(run_dir).on_policy_rows(STAGE1_CHECKPOINT) / "stats.json"
     if weight == "balanced" and rows_stats_path.is_file():
         counts = read_json(rows_stats_path)
         if counts.get("negatives"):
@@ -377,6 +379,16 @@ def build_report(cfg: Config) -> dict[str, Any]:
         md += ["## Training data from the training rollouts", ""]
         md += [f"- {k}: {v}" for k, v in sorted(rows_stats.items()) if not isinstance(v, (dict, list))]
         md.append("")
+    on_policy_path = layout.on_policy_rows(STAGE1_CHECKPOINT) / "stats.json"
+    if cfg.kto.on_policy.enabled and on_policy_path.is_file():
+        on_policy = read_json(on_policy_path)
+        md += ["## Stage 2's on-policy rows (`kto.on_policy`)", "",
+               f"ULRec-P played the {cfg.rollout.num_users} training users at temperature {on_policy['temperature']} "
+               f"(train simulator): {on_policy['on_policy_positives']} positive and "
+               f"{on_policy['on_policy_negatives']} negative rows (negatives by reason: "
+               + ", ".join(f"{k} {v}" for k, v in on_policy["on_policy_negatives_by_reason"].items())
+               + f"); stage 2 kept {on_policy['keep']}, so it trained on {on_policy['positives']} positives and "
+               f"{on_policy['negatives']} negatives.", ""]
     if sweep.get("sft_cells"):
         sft_pick = sweep.get("sft_pick") or {}
         md += ["## SFT sweep (stage 1, scored as ULRec-P)", "",
