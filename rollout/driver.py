@@ -79,8 +79,10 @@ class BiLLPSetup:
 def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=None,
                     billp: BiLLPSetup | None = None) -> Policy:
     """The policy engine; a ReAct collector (``rollout.collector.prompt_style: react``) or the
-    BiLLP planner (``billp``) wraps it."""
-    policy = make_policy(policy_cfg, model_dir, titles=titles)
+    BiLLP planner (``billp``) wraps it (on the sync engine: they chain generate calls)."""
+    react = collector is not None and collector.prompt_style == "react"
+    engine = "sync" if billp is not None or react else policy_cfg.engine
+    policy = make_policy(policy_cfg, model_dir, titles=titles, engine=engine)
     if billp is not None:
         from ulrec.grounding import Grounder
         from ulrec.policy.billp import BiLLPPolicy
@@ -90,7 +92,7 @@ def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=Non
                            reflections=b.reflections, candidates=b.candidates, critic_window=b.critic_window,
                            # constrained decoding can only write actions, not a plan line
                            plan_tokens=0 if policy_cfg.constrained else b.plan_tokens)
-    if collector is not None and collector.prompt_style == "react":
+    if react:
         from ulrec.policy.react import ReActPolicy
 
         return ReActPolicy(policy, collector.max_thought_tokens)

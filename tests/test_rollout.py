@@ -194,10 +194,11 @@ def run(cfg, sources, users, seeds, out_dir, on_report=None) -> dict:
     )
 
 
-def test_rollout_matches_a_plain_loop_and_writes_each_episode_once(ray_session, tmp_path) -> None:
+@pytest.mark.parametrize("engine", ["sync", "async"])
+def test_rollout_matches_a_plain_loop_and_writes_each_episode_once(ray_session, tmp_path, engine) -> None:
     cfg = rollout_config(tmp_path, num_replicas=2, episodes_per_file=40)
     max_steps = 6
-    sources = fake_sources(60, max_steps)
+    sources = fake_sources(60, max_steps, engine=engine, delay_s=0.01 if engine == "async" else 0.0)
     users, seeds = list(range(50)), [0, 1]
     out = tmp_path / "episodes"
     summary = run(cfg, sources, users, seeds, out)
@@ -239,11 +240,12 @@ def _kill_once(kind: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sync", "async"])
 @pytest.mark.parametrize("kind", ["shard", "replica"])
-def test_killed_actor_is_restarted_and_each_episode_written_once(ray_session, tmp_path, kind) -> None:
+def test_killed_actor_is_restarted_and_each_episode_written_once(ray_session, tmp_path, kind, engine) -> None:
     cfg = rollout_config(tmp_path)
     max_steps = 8
-    sources = fake_sources(40, max_steps, delay_s=0.03)
+    sources = fake_sources(40, max_steps, delay_s=0.03, engine=engine)
     users, seeds = list(range(40)), [3]
     hook, state = _kill_once(kind)
     summary = run(cfg, sources, users, seeds, tmp_path / "episodes", on_report=hook)
@@ -273,10 +275,11 @@ def test_actors_that_cannot_be_placed_fail_with_what_they_asked_for(ray_session,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sync", "async"])
 @pytest.mark.parametrize("kind", ["shard", "replica"])
-def test_actor_dead_for_good_fails_the_rollout_without_output(ray_session, tmp_path, kind) -> None:
+def test_actor_dead_for_good_fails_the_rollout_without_output(ray_session, tmp_path, kind, engine) -> None:
     cfg = rollout_config(tmp_path, max_restarts=0)
-    sources = fake_sources(40, 8, delay_s=0.03)
+    sources = fake_sources(40, 8, delay_s=0.03, engine=engine)
     hook, state = _kill_once(kind)
     with pytest.raises(ray.exceptions.RayActorError):
         run(cfg, sources, list(range(40)), [0], tmp_path / "episodes", on_report=hook)
