@@ -255,6 +255,7 @@ def collect_episodes(
             progress.run(writer.add)
             writer.close()
         finished = time.perf_counter()
+        replica_stats = _replica_stats(replicas)
     finally:
         for actor in shards + replicas:
             ray.kill(actor, no_restart=True)
@@ -263,11 +264,23 @@ def collect_episodes(
         startup_s=ready - started,
         total_wall_s=finished - started,
         restarts=progress.restarts,
+        replica_stats=replica_stats,
         out_dir=str(out_dir),
         policy=labels.policy,
         split=labels.split,
     )
     return summary
+
+
+def _replica_stats(replicas: list) -> list[dict | None]:
+    """Each replica's counters (``PolicyReplica.stats``; None for one that does not answer)."""
+    out = []
+    for replica in replicas:
+        try:
+            out.append(ray.get(replica.stats.remote(), timeout=10))
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            out.append(None)
+    return out
 
 
 def _wait_for_actors(replicas: list, shards: list, ro) -> None:
