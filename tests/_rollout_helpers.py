@@ -80,10 +80,22 @@ class ScriptedPolicy:
 class AsyncScriptedPolicy(ScriptedPolicy):
     """The same answers behind the continuous-batching interface (``policy.engine: async``): each
     prompt is its own request, finishing after ``delay_s`` plus a seeded jitter, so requests of
-    concurrent calls complete out of order."""
+    concurrent calls complete out of order.
+
+    ``die_once``: a file path; the first instance to reach its ``die_after``-th call creates it and
+    its engine dies (``dead``, every call fails), as when AsyncLLM's engine-core process is lost."""
+
+    def __init__(self, titles, *, die_once: str | None = None, die_after: int = 5, **kwargs) -> None:
+        super().__init__(titles, **kwargs)
+        self.die_once, self.die_after, self.dead = die_once, die_after, False
 
     async def generate_async(self, prompts, seeds=None, temperature=None):
         self.calls += 1
+        if self.die_once and self.calls >= self.die_after and not Path(self.die_once).exists():
+            Path(self.die_once).touch()
+            self.dead = True
+        if self.dead:
+            raise RuntimeError("engine core died")
         return list(await asyncio.gather(*(self._one(seed) for seed in seeds or [0] * len(prompts))))
 
     async def _one(self, seed: int) -> GenerationResult:

@@ -258,6 +258,21 @@ def test_killed_actor_is_restarted_and_each_episode_written_once(ray_session, tm
         assert summary["restarts"] == 1
 
 
+def test_replica_whose_async_engine_died_is_restarted(ray_session, tmp_path) -> None:
+    """An AsyncPolicy whose engine is gone for good (AsyncLLM's engine core lost) ends its replica,
+    which Ray restarts with a fresh engine; every episode is still written once."""
+    cfg = rollout_config(tmp_path)
+    max_steps = 6
+    marker = tmp_path / "engine-died"
+    sources = fake_sources(30, max_steps, engine="async", delay_s=0.01, die_once=str(marker))
+    users, seeds = list(range(30)), [0]
+    summary = run(cfg, sources, users, seeds, tmp_path / "episodes")
+    assert marker.exists()
+    specs = episode_specs(users, seeds, sources.histories, cfg.policy.history_length)
+    check_dataset(tmp_path / "episodes", reference_rows(sources, specs, max_steps, PromptBuilder(), LABELS))
+    assert summary["episodes"] == 30
+
+
 def test_failed_rollout_leaves_no_output(ray_session, tmp_path) -> None:
     cfg = rollout_config(tmp_path)
     sources = fake_sources(10, 4)
