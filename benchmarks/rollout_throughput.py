@@ -218,7 +218,6 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
     engine_mode = cfg.policy.engine
     model_dir = resolve_model_dir(cfg)
     rollouts, raws, requests_digest = [], [], None
-    engine = None
     for _ in range(args.repeats):
         monitor.enter_phase(f"{engine_mode}:startup")
         summary = run_rollout(
@@ -230,18 +229,18 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
         requests_digest = hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
         if args.no_raw:
             continue
-        if engine is None:
-            monitor.enter_phase(f"{engine_mode}:startup")
-            sources = run_sources(cfg, model_dir=str(model_dir), split=ro.split, max_steps=max_steps)
-            engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
-                sources.policy_factory, sources.titles
-            )
-            ray.get(engine.ready.remote())
+        # A fresh engine per repeat, like the rollout's replica: a cold prefix cache each time (the
+        # requests repeat exactly), and its CPUs free again for the next rollout's actors.
+        monitor.enter_phase(f"{engine_mode}:startup")
+        sources = run_sources(cfg, model_dir=str(model_dir), split=ro.split, max_steps=max_steps)
+        engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
+            sources.policy_factory, sources.titles
+        )
+        ray.get(engine.ready.remote())
         monitor.enter_phase(f"{engine_mode}:raw")
         raws.append(ray.get(engine.generate.remote(prompts, seeds, ro.temperature, ro.max_batch_size)))
-        monitor.enter_phase("between")
-    if engine is not None:
         ray.kill(engine)
+        monitor.enter_phase("between")
     caches = [s["prefix_cache"] for r in rollouts for s in r["replica_stats"] if s and "prefix_cache" in s]
     rollout_cache = {k: sum(c[k] for c in caches) for k in ("queries", "hits")} if caches else None
     raw_caches = [r["prefix_cache"] for r in raws if r["prefix_cache"]]
