@@ -349,3 +349,35 @@ def test_lanes_keep_their_replica_until_it_fails_or_falls_behind():
     router.outstanding, router.down_until = [10, 0], [0.0, 0.0]  # b is back
     router.home[0] = 0
     assert router._pick(0) == 1 and router.home[0] == 1
+
+
+def test_a_restarting_replica_is_waited_for_without_using_up_attempts():
+    """ActorUnavailableError (restarting, e.g. an AsyncLLM replica rebuilding its engine) does not
+    count against the request's attempts; other actor failures do."""
+    import asyncio
+
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from rollout.shard import _ReplicaRouter
+
+    class Flaky:
+        def __init__(self, errors):
+            self.errors = list(errors)
+            outer = self
+
+            class Act:
+                async def remote(self, prompts, seeds, temperature):
+                    if outer.errors:
+                        raise outer.errors.pop(0)
+                    return ["ok"] * len(prompts)
+
+            self.act = Act()
+
+    restarting = Flaky([ActorUnavailableError("The actor is restarting", None) for _ in range(6)])
+    router = _ReplicaRouter([restarting], attempts=2, backoff_s=0.01)
+    assert asyncio.run(router.act(["p"], [0], 1.0, lane=0)) == ["ok"]
+    dying = Flaky([RayActorError(), RayActorError(), RayActorError()])
+    router = _ReplicaRouter([dying], attempts=2, backoff_s=0.01)
+    with pytest.raises(RayActorError):
+        asyncio.run(router.act(["p"], [0], 1.0, lane=0))
+    assert len(dying.errors) == 1  # gave up after 2 attempts
