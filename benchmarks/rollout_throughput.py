@@ -2,26 +2,36 @@
 
     .venv/bin/python benchmarks/rollout_throughput.py [--config FILE] [key=value ...]
         [--users N] [--max-steps N] [--repeats N] [--build-synthetic] [--no-raw]
+        [--engines sync,async] [--out-dir DIR]
+
+For each engine mode in ``--engines`` (``policy.engine``; default: the config's), in turn:
 
 1. Runs a rollout (``rollout.driver.run_rollout``: replicas, shards, grounding, Parquet) and takes
    its generated tokens / rollout seconds (engine start-up excluded).
 2. Re-generates exactly the prompts that rollout sent (read back from its Parquet, with their
    per-request seeds) on a fresh replica-sized actor holding the same engine with the same
-   settings, in ``rollout.max_batch_size`` batches, and takes tokens / seconds.
-3. Prints ratio = rollout / raw (target >= 0.9), the grounding rates, the peak resident memory
-   of the whole process tree (driver, Ray daemons and actors) and CPU seconds per process role
-   and phase, including what other processes on the machine used meanwhile (on a shared machine
-   that contention moves both numbers; ``--repeats`` alternates the two measurements).
+   settings, as fast as that engine serves them: the sync engine in ``rollout.max_batch_size``
+   batches, the async one (AsyncLLM) with every request in flight at once. Takes tokens / seconds
+   (the physical limit of that engine on this machine for those requests).
+3. Prints ratio = rollout / raw per engine (target >= 0.9), the ratios across engines measured in
+   the same run, vLLM's prefix-cache hit rate where the engine reports it (the async engine), the
+   grounding rates, the peak resident memory of the whole process tree (driver, Ray daemons and
+   actors) and CPU seconds per process role and phase, including what other processes on the
+   machine used meanwhile (on a shared machine that contention moves both numbers; ``--repeats``
+   alternates the two measurements).
 
 ``--build-synthetic`` first prepares what the run directory lacks: data (cfg.data), the base model
 (cfg.model) and, for each split, a matrix simulator with random rewards (so any number of users
 can be simulated cheaply). With an existing run (``ulrec data prepare``, ``env fit``, ``model
-init``) nothing is built.
+init``) nothing is built. The rollout's episodes go to ``--out-dir`` (default
+``runs/<name>/rollouts/benchmark``); nothing else is written to the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -43,14 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rollout.driver import run_rollout, run_sources  # noqa: E402
 from rollout.episode import generation_seed  # noqa: E402
 from ulrec.config import Config, load_config  # noqa: E402
-from ulrec.policy import resolve_model_dir  # noqa: E402
+from ulrec.policy import AsyncPolicy, resolve_model_dir  # noqa: E402
 
 
 class ProcessMonitor:
     """Samples this process tree every ``interval_s``: peak summed RSS, and CPU seconds per role
     and per phase, plus the CPU the rest of the machine used meanwhile (contention)."""
 
-    ROLES = ("UserShard", "PolicyReplica", "RawEngine", "raylet", "gcs_server", "dashboard", "IDLE")
+    ROLES = ("EngineCore", "UserShard", "PolicyReplica", "RawEngine", "raylet", "gcs_server", "dashboard", "IDLE")
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
@@ -72,7 +82,8 @@ class ProcessMonitor:
         if proc.pid == os.getpid():
             return "driver"
         try:
-            name = " ".join(proc.cmdline()[:1]) or proc.name()
+            # AsyncLLM's engine core (a child of its actor) is named by its process title.
+            name = f"{proc.name()} {' '.join(proc.cmdline()[:1])}"
         except psutil.Error:
             return "other"
         return next((role for role in self.ROLES if role in name), "other")
@@ -124,11 +135,12 @@ class ProcessMonitor:
 
 @ray.remote
 class RawEngine:
-    """The replica's engine alone: plain batch generate, timed inside the actor.
+    """The replica's engine alone: plain generate, timed inside the actor.
 
-    Generation runs on a worker thread exactly as in ``PolicyReplica`` (it matters on CPU: vLLM
-    binds its OpenMP threads on the thread that built the engine, and a worker thread's team is
-    not bound the same way, which measured ~2x apart here).
+    Sync engine: batches on a worker thread exactly as in ``PolicyReplica`` (it matters on CPU:
+    vLLM binds its OpenMP threads on the thread that built the engine, and a worker thread's team
+    is not bound the same way, which measured ~2x apart here). Async engine: every request
+    submitted at once on the actor's event loop, the engine schedules them.
     """
 
     def __init__(self, policy_factory, titles: list[str]) -> None:
@@ -138,16 +150,36 @@ class RawEngine:
     def ready(self) -> bool:
         return True
 
-    def generate(self, prompts: list[str], seeds: list[int], temperature: float, batch_size: int) -> dict:
-        return self.pool.submit(self._generate, prompts, seeds, temperature, batch_size).result()
+    async def generate(self, prompts: list[str], seeds: list[int], temperature: float, batch_size: int) -> dict:
+        before = prefix_cache_of(self.policy)
+        started = time.perf_counter()
+        if isinstance(self.policy, AsyncPolicy):
+            results = await self.policy.generate_async(prompts, seeds, temperature)
+            tokens = sum(r.num_tokens for r in results)
+        else:
+            loop = asyncio.get_running_loop()
+            tokens = await loop.run_in_executor(self.pool, self._batches, prompts, seeds, temperature, batch_size)
+        seconds = time.perf_counter() - started
+        after = prefix_cache_of(self.policy)
+        cache = None if after is None else {k: after[k] - before[k] for k in after}
+        return {"tokens": tokens, "seconds": seconds, "prefix_cache": cache}
 
-    def _generate(self, prompts: list[str], seeds: list[int], temperature: float, batch_size: int) -> dict:
-        tokens, started = 0, time.perf_counter()
+    def _batches(self, prompts: list[str], seeds: list[int], temperature: float, batch_size: int) -> int:
+        tokens = 0
         for start in range(0, len(prompts), batch_size):
             batch = slice(start, start + batch_size)
-            results = self.policy.generate(prompts[batch], seeds[batch], temperature)
-            tokens += sum(r.num_tokens for r in results)
-        return {"tokens": tokens, "seconds": time.perf_counter() - started}
+            tokens += sum(r.num_tokens for r in self.policy.generate(prompts[batch], seeds[batch], temperature))
+        return tokens
+
+
+def prefix_cache_of(policy) -> dict | None:
+    counts = getattr(policy, "prefix_cache", None)
+    return counts() if counts else None
+
+
+def hit_rate(counts: dict | None) -> float | None:
+    """Prefix-cache hits / queries (prompt tokens), None where the engine does not report them."""
+    return counts["hits"] / counts["queries"] if counts and counts["queries"] else None
 
 
 def build_synthetic(cfg: Config) -> None:
@@ -180,6 +212,59 @@ def rollout_prompts(out_dir: Path) -> tuple[list[str], list[int]]:
     return [r[3] for r in requests], [generation_seed(r[2], r[1], r[0]) for r in requests]
 
 
+def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, monitor: ProcessMonitor) -> dict:
+    """Rollout(s) and raw generate(s) on ``cfg``'s engine, alternated ``args.repeats`` times."""
+    ro = cfg.rollout
+    engine_mode = cfg.policy.engine
+    model_dir = resolve_model_dir(cfg)
+    rollouts, raws, requests_digest = [], [], None
+    for _ in range(args.repeats):
+        monitor.enter_phase(f"{engine_mode}:startup")
+        summary = run_rollout(
+            cfg, model_dir=str(model_dir), split=ro.split, user_ids=users, seeds=list(ro.seeds),
+            temperature=ro.temperature, max_steps=max_steps, out_dir=out_dir, policy_name="benchmark",
+        )
+        rollouts.append(summary)
+        prompts, seeds = rollout_prompts(out_dir)
+        requests_digest = hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
+        if args.no_raw:
+            continue
+        # A fresh engine per repeat, like the rollout's replica: a cold prefix cache each time (the
+        # requests repeat exactly), and its CPUs free again for the next rollout's actors.
+        monitor.enter_phase(f"{engine_mode}:startup")
+        sources = run_sources(cfg, model_dir=str(model_dir), split=ro.split, max_steps=max_steps)
+        engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
+            sources.policy_factory, sources.titles
+        )
+        ray.get(engine.ready.remote())
+        monitor.enter_phase(f"{engine_mode}:raw")
+        raws.append(ray.get(engine.generate.remote(prompts, seeds, ro.temperature, ro.max_batch_size)))
+        ray.kill(engine)
+        monitor.enter_phase("between")
+    caches = [s["prefix_cache"] for r in rollouts for s in r["replica_stats"] if s and "prefix_cache" in s]
+    rollout_cache = {k: sum(c[k] for c in caches) for k in ("queries", "hits")} if caches else None
+    raw_caches = [r["prefix_cache"] for r in raws if r["prefix_cache"]]
+    raw_cache = {k: sum(c[k] for c in raw_caches) for k in ("queries", "hits")} if raw_caches else None
+    result = {
+        "summary": rollouts[-1],
+        "requests_sha256": requests_digest,
+        "rollouts": [
+            {k: r[k] for k in ("generated_tokens", "wall_s", "tokens_per_s", "startup_s")} for r in rollouts
+        ],
+        "raws": [{**r, "tokens_per_s": r["tokens"] / r["seconds"]} for r in raws],
+        "rollout_tokens_per_s": sum(r["generated_tokens"] for r in rollouts) / sum(r["wall_s"] for r in rollouts),
+        "prefix_cache_hit_rate": {"rollout": hit_rate(rollout_cache), "raw": hit_rate(raw_cache)},
+    }
+    if raws:
+        raw_rate = sum(r["tokens"] for r in raws) / sum(r["seconds"] for r in raws)
+        result.update(
+            raw_tokens_per_s=raw_rate,
+            ratio=result["rollout_tokens_per_s"] / raw_rate,
+            ratios_per_repeat=[r["tokens_per_s"] / w["tokens_per_s"] for r, w in zip(result["rollouts"], result["raws"])],
+        )
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None)
@@ -190,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--repeats", type=int, default=1, help="alternate rollout and raw generate this many times (load drifts)"
     )
+    parser.add_argument("--engines", default=None, help="policy.engine values measured in turn, e.g. sync,async")
+    parser.add_argument("--out-dir", default=None, help="the rollout's Parquet (default runs/<name>/rollouts/benchmark)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -204,70 +291,61 @@ def main(argv: list[str] | None = None) -> dict:
     max_steps = args.max_steps or ro.max_steps
     histories = load_prepared(cfg.run_dir).user_histories(ro.split)
     users = draw_users(eval_user_pool(histories), num_users, cfg.run.seed)
-    model_dir = resolve_model_dir(cfg)
-    out_dir = cfg.run_dir / "rollouts" / "benchmark"
+    out_dir = Path(args.out_dir) if args.out_dir else cfg.run_dir / "rollouts" / "benchmark"
+    engines = args.engines.split(",") if args.engines else [cfg.policy.engine]
 
-    rollouts, raws = [], []
+    by_engine = {}
     with ProcessMonitor() as monitor:
-        engine = None
-        for _ in range(args.repeats):
-            monitor.enter_phase("startup")
-            summary = run_rollout(
-                cfg, model_dir=str(model_dir), split=ro.split, user_ids=users, seeds=list(ro.seeds),
-                temperature=ro.temperature, max_steps=max_steps, out_dir=out_dir, policy_name="benchmark",
-            )
-            rollouts.append(summary)
-            if args.no_raw:
-                continue
-            prompts, seeds = rollout_prompts(out_dir)
-            if engine is None:
-                monitor.enter_phase("startup")
-                sources = run_sources(cfg, model_dir=str(model_dir), split=ro.split, max_steps=max_steps)
-                engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
-                    sources.policy_factory, sources.titles
-                )
-                ray.get(engine.ready.remote())
-            monitor.enter_phase("raw")
-            raws.append(ray.get(engine.generate.remote(prompts, seeds, ro.temperature, ro.max_batch_size)))
-            monitor.enter_phase("between")
-        if engine is not None:
-            ray.kill(engine)
+        for engine in engines:
+            engine_cfg = load_config(args.config, [*args.overrides, f"policy.engine={engine}"])
+            by_engine[engine] = measure(engine_cfg, args, users, max_steps, out_dir, monitor)
     # The rollout's CPU is attributed to "startup" until its actors are up; the per-phase numbers
     # are for reading contention, not exact accounting.
-    summary = rollouts[-1]
+    summary = by_engine[engines[-1]]["summary"]
     result = {
         "backend": cfg.policy.backend,
-        "model_dir": str(model_dir),
+        "model_dir": str(resolve_model_dir(cfg)),
         "users": len(users),
         "episodes": summary["episodes"],
         "steps": summary["steps"],
         "mean_length": summary["mean_length"],
         "grounding": summary["grounding"],
         "exit_reasons": summary["exit_reasons"],
-        "rollouts": [
-            {k: r[k] for k in ("generated_tokens", "wall_s", "tokens_per_s", "startup_s")} for r in rollouts
-        ],
-        "raws": [{**r, "tokens_per_s": r["tokens"] / r["seconds"]} for r in raws],
+        "engines": {e: {k: v for k, v in m.items() if k != "summary"} for e, m in by_engine.items()},
         "cpu_seconds": {p: {k: round(v, 1) for k, v in roles.items()} for p, roles in monitor.cpu_s.items()},
         "peak_rss_gib": monitor.peak_total / 1024**3,
         "peak_rss_gib_by_role": {k: round(v / 1024**3, 3) for k, v in sorted(monitor.peak_by_role.items())},
     }
-    rollout_rate = sum(r["generated_tokens"] for r in rollouts) / sum(r["wall_s"] for r in rollouts)
-    if raws:
-        raw_rate = sum(r["tokens"] for r in raws) / sum(r["seconds"] for r in raws)
-        result.update(
-            rollout_tokens_per_s=rollout_rate,
-            raw_tokens_per_s=raw_rate,
-            ratio=rollout_rate / raw_rate,
-            ratios_per_repeat=[r["tokens_per_s"] / w["tokens_per_s"] for r, w in zip(rollouts, result["raws"])],
-        )
+    if len(engines) > 1:
+        # Every engine served the same requests (per-request seeds): same digest of prompts + seeds.
+        result["same_requests"] = len({m["requests_sha256"] for m in by_engine.values()}) == 1
+        best_raw = max((m["raw_tokens_per_s"] for m in by_engine.values() if "raw_tokens_per_s" in m), default=None)
+        result["cross"] = {
+            f"{a}/{b}": by_engine[a]["rollout_tokens_per_s"] / by_engine[b]["rollout_tokens_per_s"]
+            for a in engines for b in engines if a != b
+        }
+        if best_raw:
+            result["ratio_to_best_raw"] = {e: m["rollout_tokens_per_s"] / best_raw for e, m in by_engine.items()}
     print(json.dumps(result, indent=2))
-    if raws:
-        print(
-            f"rollout {rollout_rate:.0f} tok/s vs raw generate {raw_rate:.0f} tok/s over {len(raws)} repeat(s): "
-            f"ratio {result['ratio']:.3f} (target >= 0.9); per repeat "
-            + ", ".join(f"{r:.3f}" for r in result["ratios_per_repeat"])
-        )
+    for engine, m in by_engine.items():
+        line = f"[{engine}] rollout {m['rollout_tokens_per_s']:.0f} tok/s"
+        if "ratio" in m:
+            line += (
+                f" vs raw generate {m['raw_tokens_per_s']:.0f} tok/s over {len(m['raws'])} repeat(s): "
+                f"ratio {m['ratio']:.3f} (target >= 0.9); per repeat "
+                + ", ".join(f"{r:.3f}" for r in m["ratios_per_repeat"])
+            )
+        rates = m["prefix_cache_hit_rate"]
+        if rates["rollout"] is not None:
+            line += f"; prefix-cache hit rate rollout {rates['rollout']:.3f}"
+            if rates["raw"] is not None:
+                line += f", raw {rates['raw']:.3f}"
+        print(line)
+    if "cross" in result:
+        print("across engines (same run): " + ", ".join(f"{k} {v:.3f}" for k, v in result["cross"].items())
+              + f"; same requests: {result['same_requests']}")
+    if "ratio_to_best_raw" in result:
+        print("rollout / fastest raw engine: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratio_to_best_raw"].items()))
     g = summary["grounding"]
     print(
         f"grounding: exact {g['exact']:.3f}, substituted {g['substituted']:.3f}, "

@@ -79,8 +79,10 @@ class BiLLPSetup:
 def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=None,
                     billp: BiLLPSetup | None = None) -> Policy:
     """The policy engine; a ReAct collector (``rollout.collector.prompt_style: react``) or the
-    BiLLP planner (``billp``) wraps it."""
-    policy = make_policy(policy_cfg, model_dir, titles=titles)
+    BiLLP planner (``billp``) wraps it (on the sync engine: they chain generate calls)."""
+    react = collector is not None and collector.prompt_style == "react"
+    engine = "sync" if billp is not None or react else policy_cfg.engine
+    policy = make_policy(policy_cfg, model_dir, titles=titles, engine=engine)
     if billp is not None:
         from ulrec.grounding import Grounder
         from ulrec.policy.billp import BiLLPPolicy
@@ -90,7 +92,7 @@ def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=Non
                            reflections=b.reflections, candidates=b.candidates, critic_window=b.critic_window,
                            # constrained decoding can only write actions, not a plan line
                            plan_tokens=0 if policy_cfg.constrained else b.plan_tokens)
-    if collector is not None and collector.prompt_style == "react":
+    if react:
         from ulrec.policy.react import ReActPolicy
 
         return ReActPolicy(policy, collector.max_thought_tokens)
@@ -253,6 +255,7 @@ def collect_episodes(
             progress.run(writer.add)
             writer.close()
         finished = time.perf_counter()
+        replica_stats = _replica_stats(replicas)
     finally:
         for actor in shards + replicas:
             ray.kill(actor, no_restart=True)
@@ -261,11 +264,23 @@ def collect_episodes(
         startup_s=ready - started,
         total_wall_s=finished - started,
         restarts=progress.restarts,
+        replica_stats=replica_stats,
         out_dir=str(out_dir),
         policy=labels.policy,
         split=labels.split,
     )
     return summary
+
+
+def _replica_stats(replicas: list) -> list[dict | None]:
+    """Each replica's counters (``PolicyReplica.stats``; None for one that does not answer)."""
+    out = []
+    for replica in replicas:
+        try:
+            out.append(ray.get(replica.stats.remote(), timeout=10))
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            out.append(None)
+    return out
 
 
 def _wait_for_actors(replicas: list, shards: list, ro) -> None:

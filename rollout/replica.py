@@ -9,11 +9,17 @@ generating while the previous one is grounded, so the engine never waits on the 
 in the replica (not in every shard) means one embedding model and one FAISS index per replica,
 next to the accelerator the replica holds, instead of one per shard: shards stay light enough for
 thousands of users, and only small answers (item id, title) travel back.
+
+With an engine that batches continuously (``policy.engine: async``, an ``AsyncPolicy``) there is
+no batching loop: each ``act`` call's prompts go straight into the engine's running batch (one
+request per prompt, each with its own seed and temperature), and the call's answers are grounded on
+the same grounding thread while the engine keeps generating for the other calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 import ray
 
 from rollout.episode import GroundedAction
-from ulrec.policy import GenerationResult, Policy
+from ulrec.policy import AsyncPolicy, GenerationResult, Policy
 from ulrec.prompts import parse_action
 
 
@@ -73,6 +79,7 @@ class PolicyReplica:
         max_batch_size: int,
     ) -> None:
         self.policy = policy_factory(titles)
+        self.continuous = isinstance(self.policy, AsyncPolicy)
         self.grounder = grounder_factory(titles)
         self.max_batch_size = max_batch_size
         self._queue: list[_Request] = []
@@ -82,18 +89,24 @@ class PolicyReplica:
         # One thread each: the engine is not re-entrant, and grounding must not wait behind it.
         self._generate_pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._ground_pool = ThreadPoolExecutor(1, thread_name_prefix="ground")
+        # batches: engine calls (continuous: act calls); generate_s: seconds the engine was busy.
         self._stats = {"batches": 0, "prompts": 0, "tokens": 0, "generate_s": 0.0}
+        self._in_flight, self._busy_since = 0, 0.0
 
     def ready(self) -> str:
         return self.policy.backend
 
     def stats(self) -> dict:
-        return dict(self._stats)
+        """The counters above, plus the engine's prefix-cache token counts where it reports them."""
+        prefix_cache = getattr(self.policy, "prefix_cache", None)
+        return dict(self._stats, **({"prefix_cache": prefix_cache()} if prefix_cache else {}))
 
     async def act(self, prompts: list[str], seeds: list[int], temperature: float) -> list[GroundedAction]:
         """Generate, parse and ground one answer per prompt (order kept)."""
         if not prompts:
             return []
+        if self.continuous:
+            return await self._act_continuous(prompts, seeds, temperature)
         if self._loop_task is None:
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
@@ -111,6 +124,28 @@ class PolicyReplica:
         self._wakeup.set()
         answers = await asyncio.gather(*chunks)
         return [a for chunk in answers for a in chunk]
+
+    async def _act_continuous(self, prompts: list[str], seeds: list[int], temperature: float) -> list[GroundedAction]:
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
+        try:
+            results = await self.policy.generate_async(prompts, seeds, temperature)
+        except Exception:
+            if getattr(self.policy, "dead", False):
+                # The engine (a child process) is gone for good: end this actor so Ray restarts it
+                # with a fresh engine, as it would a replica whose in-process engine died.
+                os._exit(1)
+            raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._stats["generate_s"] += time.perf_counter() - self._busy_since
+        self._stats["batches"] += 1
+        self._stats["prompts"] += len(prompts)
+        self._stats["tokens"] += sum(r.num_tokens for r in results)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._ground_pool, parse_and_ground, results, self.grounder)
 
     def _take_batch(self) -> list[_Request]:
         """FIFO requests of the first request's temperature, up to max_batch_size prompts."""

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from rollout.episode import (
     EpisodeLabels,
@@ -180,14 +180,21 @@ class _ReplicaRouter:
 
     async def act(self, prompts: list[str], seeds: list[int], temperature: float,
                   lane: int | None = None) -> list[GroundedAction]:
-        for attempt in itertools.count(1):
+        failures = 0
+        while True:
             i = self._pick(lane)
             self.outstanding[i] += len(prompts)
             try:
                 return await self.replicas[i].act.remote(prompts, seeds, temperature)
-            except RayActorError:
-                if attempt >= self.attempts:
-                    raise
+            except RayActorError as exc:
+                # A replica that is restarting (ActorUnavailableError) comes back however long its
+                # engine takes to start (an AsyncLLM replica: ~1 min on 2 cores); only other
+                # failures use up attempts.
+                if not isinstance(exc, ActorUnavailableError):
+                    failures += 1
+                    if failures >= self.attempts:
+                        raise
+                attempt = max(failures, 1)
                 # Let Ray restart it; meanwhile the lane moves to another replica at once, and
                 # waits only when every replica is down.
                 now = time.monotonic()

@@ -6,6 +6,7 @@ need not import the tests package.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 import time
@@ -58,22 +59,48 @@ class ScriptedPolicy:
         self.calls += 1
         if self.delay_s:
             time.sleep(self.delay_s)
-        out = []
-        for prompt, seed in zip(prompts, seeds or [0] * len(prompts)):
-            rng = random.Random(seed)
-            title = rng.choice(self.titles)
-            draw = rng.random()
-            if draw < self.p_format_error:
-                text = "I would suggest something nice"
-            elif draw < self.p_format_error + self.p_substitute:
-                text = " " + format_action(title + " (director's cut)")
-            else:
-                text = " " + format_action(title)
-            out.append(GenerationResult(text=text, num_tokens=len(text.split()) + 1))
-        return out
+        return [self.answer(seed) for seed in seeds or [0] * len(prompts)]
+
+    def answer(self, seed: int) -> GenerationResult:
+        rng = random.Random(seed)
+        title = rng.choice(self.titles)
+        draw = rng.random()
+        if draw < self.p_format_error:
+            text = "I would suggest something nice"
+        elif draw < self.p_format_error + self.p_substitute:
+            text = " " + format_action(title + " (director's cut)")
+        else:
+            text = " " + format_action(title)
+        return GenerationResult(text=text, num_tokens=len(text.split()) + 1)
 
     def close(self) -> None:
         pass
+
+
+class AsyncScriptedPolicy(ScriptedPolicy):
+    """The same answers behind the continuous-batching interface (``policy.engine: async``): each
+    prompt is its own request, finishing after ``delay_s`` plus a seeded jitter, so requests of
+    concurrent calls complete out of order.
+
+    ``die_once``: a file path; the first instance to reach its ``die_after``-th call creates it and
+    its engine dies (``dead``, every call fails), as when AsyncLLM's engine-core process is lost."""
+
+    def __init__(self, titles, *, die_once: str | None = None, die_after: int = 5, **kwargs) -> None:
+        super().__init__(titles, **kwargs)
+        self.die_once, self.die_after, self.dead = die_once, die_after, False
+
+    async def generate_async(self, prompts, seeds=None, temperature=None):
+        self.calls += 1
+        if self.die_once and self.calls >= self.die_after and not Path(self.die_once).exists():
+            Path(self.die_once).touch()
+            self.dead = True
+        if self.dead:
+            raise RuntimeError("engine core died")
+        return list(await asyncio.gather(*(self._one(seed) for seed in seeds or [0] * len(prompts))))
+
+    async def _one(self, seed: int) -> GenerationResult:
+        await asyncio.sleep(self.delay_s * (0.5 + random.Random(seed).random()))
+        return self.answer(seed)
 
 
 def hash_embed(texts: list[str], dim: int = 64) -> np.ndarray:
@@ -86,8 +113,8 @@ def hash_embed(texts: list[str], dim: int = 64) -> np.ndarray:
     return out
 
 
-def scripted_policy_factory(titles: list[str], **kwargs) -> ScriptedPolicy:
-    return ScriptedPolicy(titles, **kwargs)
+def scripted_policy_factory(titles: list[str], engine: str = "sync", **kwargs) -> ScriptedPolicy:
+    return (AsyncScriptedPolicy if engine == "async" else ScriptedPolicy)(titles, **kwargs)
 
 
 def hash_grounder_factory(titles: list[str]) -> Grounder:
@@ -110,7 +137,8 @@ def tiny_env(n_users: int, n_items: int, max_steps: int, distance_threshold: flo
 
 
 def fake_sources(n_users: int, max_steps: int, **policy_kwargs) -> RolloutSources:
-    """Scripted policy + hashing grounder + tiny matrix env; histories of 3 to 8 items."""
+    """Scripted policy + hashing grounder + tiny matrix env; histories of 3 to 8 items.
+    ``engine="async"`` makes the policy an AsyncPolicy (the replica's continuous path)."""
     rng = random.Random(1)
     histories = {u: [rng.randrange(len(TITLES)) for _ in range(rng.randint(3, 8))] for u in range(n_users)}
     return RolloutSources(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -152,6 +153,37 @@ def test_vllm_seeds_greedy_and_agreement_with_hf(vllm_policies, hf_policy, tiny_
     greedy_vllm = plain.generate(prompts, temperature=0)
     greedy_hf = hf_policy.generate(prompts, temperature=0)
     assert [r.text for r in greedy_vllm] == [r.text for r in greedy_hf]
+
+
+@pytest.mark.slow
+def test_vllm_async_engine_gives_the_sync_engines_completions(vllm_policies, tiny_run):
+    """policy.engine=async (AsyncLLM, one request per prompt): the same prompt and seed give the
+    same completion as on LLM.generate, whatever the other requests in flight (concurrent calls,
+    other temperatures); answers come back in the call's order."""
+    cfg, _, prompts = tiny_run
+    plain, _ = vllm_policies
+    seeds = list(range(len(prompts)))
+    sampled, greedy = plain.generate(prompts, seeds=seeds), plain.generate(prompts, seeds=seeds, temperature=0)
+    policy = make_policy(policy_cfg(max_num_seqs=16), resolve_model_dir(cfg), engine="async")
+
+    async def calls():
+        together = await policy.generate_async(prompts, seeds=seeds)
+        # One call per prompt, submitted in reverse order, next to a greedy call over all of them.
+        *apart, mixed = await asyncio.gather(
+            *(policy.generate_async([p], seeds=[s]) for p, s in reversed(list(zip(prompts, seeds)))),
+            policy.generate_async(prompts, seeds=seeds, temperature=0),
+        )
+        return together, [a[0] for a in reversed(apart)], mixed
+
+    try:
+        together, apart, mixed = asyncio.run(calls())
+        cache = policy.prefix_cache()
+    finally:
+        policy.close()
+    assert policy.engine == "async" and policy.backend == "vllm"
+    assert together == sampled == apart
+    assert mixed == greedy
+    assert 0 < cache["hits"] <= cache["queries"]
 
 
 @pytest.mark.slow

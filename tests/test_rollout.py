@@ -194,10 +194,11 @@ def run(cfg, sources, users, seeds, out_dir, on_report=None) -> dict:
     )
 
 
-def test_rollout_matches_a_plain_loop_and_writes_each_episode_once(ray_session, tmp_path) -> None:
+@pytest.mark.parametrize("engine", ["sync", "async"])
+def test_rollout_matches_a_plain_loop_and_writes_each_episode_once(ray_session, tmp_path, engine) -> None:
     cfg = rollout_config(tmp_path, num_replicas=2, episodes_per_file=40)
     max_steps = 6
-    sources = fake_sources(60, max_steps)
+    sources = fake_sources(60, max_steps, engine=engine, delay_s=0.01 if engine == "async" else 0.0)
     users, seeds = list(range(50)), [0, 1]
     out = tmp_path / "episodes"
     summary = run(cfg, sources, users, seeds, out)
@@ -239,11 +240,12 @@ def _kill_once(kind: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sync", "async"])
 @pytest.mark.parametrize("kind", ["shard", "replica"])
-def test_killed_actor_is_restarted_and_each_episode_written_once(ray_session, tmp_path, kind) -> None:
+def test_killed_actor_is_restarted_and_each_episode_written_once(ray_session, tmp_path, kind, engine) -> None:
     cfg = rollout_config(tmp_path)
     max_steps = 8
-    sources = fake_sources(40, max_steps, delay_s=0.03)
+    sources = fake_sources(40, max_steps, delay_s=0.03, engine=engine)
     users, seeds = list(range(40)), [3]
     hook, state = _kill_once(kind)
     summary = run(cfg, sources, users, seeds, tmp_path / "episodes", on_report=hook)
@@ -254,6 +256,21 @@ def test_killed_actor_is_restarted_and_each_episode_written_once(ray_session, tm
     assert summary["episodes"] == 40
     if kind == "shard":
         assert summary["restarts"] == 1
+
+
+def test_replica_whose_async_engine_died_is_restarted(ray_session, tmp_path) -> None:
+    """An AsyncPolicy whose engine is gone for good (AsyncLLM's engine core lost) ends its replica,
+    which Ray restarts with a fresh engine; every episode is still written once."""
+    cfg = rollout_config(tmp_path)
+    max_steps = 6
+    marker = tmp_path / "engine-died"
+    sources = fake_sources(30, max_steps, engine="async", delay_s=0.01, die_once=str(marker))
+    users, seeds = list(range(30)), [0]
+    summary = run(cfg, sources, users, seeds, tmp_path / "episodes")
+    assert marker.exists()
+    specs = episode_specs(users, seeds, sources.histories, cfg.policy.history_length)
+    check_dataset(tmp_path / "episodes", reference_rows(sources, specs, max_steps, PromptBuilder(), LABELS))
+    assert summary["episodes"] == 30
 
 
 def test_failed_rollout_leaves_no_output(ray_session, tmp_path) -> None:
@@ -273,10 +290,11 @@ def test_actors_that_cannot_be_placed_fail_with_what_they_asked_for(ray_session,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sync", "async"])
 @pytest.mark.parametrize("kind", ["shard", "replica"])
-def test_actor_dead_for_good_fails_the_rollout_without_output(ray_session, tmp_path, kind) -> None:
+def test_actor_dead_for_good_fails_the_rollout_without_output(ray_session, tmp_path, kind, engine) -> None:
     cfg = rollout_config(tmp_path, max_restarts=0)
-    sources = fake_sources(40, 8, delay_s=0.03)
+    sources = fake_sources(40, 8, delay_s=0.03, engine=engine)
     hook, state = _kill_once(kind)
     with pytest.raises(ray.exceptions.RayActorError):
         run(cfg, sources, list(range(40)), [0], tmp_path / "episodes", on_report=hook)
@@ -331,3 +349,35 @@ def test_lanes_keep_their_replica_until_it_fails_or_falls_behind():
     router.outstanding, router.down_until = [10, 0], [0.0, 0.0]  # b is back
     router.home[0] = 0
     assert router._pick(0) == 1 and router.home[0] == 1
+
+
+def test_a_restarting_replica_is_waited_for_without_using_up_attempts():
+    """ActorUnavailableError (restarting, e.g. an AsyncLLM replica rebuilding its engine) does not
+    count against the request's attempts; other actor failures do."""
+    import asyncio
+
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from rollout.shard import _ReplicaRouter
+
+    class Flaky:
+        def __init__(self, errors):
+            self.errors = list(errors)
+            outer = self
+
+            class Act:
+                async def remote(self, prompts, seeds, temperature):
+                    if outer.errors:
+                        raise outer.errors.pop(0)
+                    return ["ok"] * len(prompts)
+
+            self.act = Act()
+
+    restarting = Flaky([ActorUnavailableError("The actor is restarting", None) for _ in range(6)])
+    router = _ReplicaRouter([restarting], attempts=2, backoff_s=0.01)
+    assert asyncio.run(router.act(["p"], [0], 1.0, lane=0)) == ["ok"]
+    dying = Flaky([RayActorError(), RayActorError(), RayActorError()])
+    router = _ReplicaRouter([dying], attempts=2, backoff_s=0.01)
+    with pytest.raises(RayActorError):
+        asyncio.run(router.act(["p"], [0], 1.0, lane=0))
+    assert len(dying.errors) == 1  # gave up after 2 attempts

@@ -4,14 +4,16 @@ simulator, through the public entry points run_rollout and rollout_stage."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
 
-from rollout.driver import rollout_stage, run_rollout
-from rollout.episode import EPISODE_SCHEMA, EXIT_REASONS, STEP_REASONS
+from rollout.driver import collect_episodes, rollout_stage, run_rollout, run_sources
+from rollout.episode import EPISODE_SCHEMA, EXIT_REASONS, STEP_REASONS, EpisodeLabels
 from ulrec.resume import mark_done
 from ulrec.config import Config
 from ulrec.data import load_prepared, prepare_data
@@ -21,7 +23,7 @@ from ulrec.simulator import MatrixUserModel
 NUM_USERS = 50
 
 
-def tiny_run_config(root, backend: str) -> Config:
+def tiny_run_config(root, backend: str, engine: str = "sync", **rollout) -> Config:
     return Config.model_validate(
         {
             "run": {"root": str(root), "name": "tiny", "progress": False},
@@ -32,12 +34,12 @@ def tiny_run_config(root, backend: str) -> Config:
                 warm_start_examples=64, warm_start_batch_size=16, warm_start_eval_prompts=4,
             ),
             "env": {"distance_threshold": 0.5},
-            "policy": {"backend": backend, "max_tokens": 24, "max_num_seqs": 64},
+            "policy": {"backend": backend, "engine": engine, "max_tokens": 24, "max_num_seqs": 64},
             "grounding": {"cache_dir": str(root / "grounding-cache")},
             # One lane per shard; a replica batch can take both.
             "rollout": dict(
                 num_users=NUM_USERS, max_steps=4, num_shards=2, replica_num_cpus=1, shard_num_cpus=0.25,
-                lane_size=32, max_batch_size=64,
+                lane_size=32, max_batch_size=64, **rollout,
             ),
         }
     )
@@ -107,3 +109,45 @@ def test_vllm_backend_rollout_stage_and_resume(run_root) -> None:
     assert json.loads((out / "_stage.json").read_text())["summary"]["episodes"] == NUM_USERS
     again = rollout_stage(cfg)
     assert again["skipped"] is True and again["episodes"] == NUM_USERS
+
+
+def engine_cores_since(started: float) -> list[psutil.Process]:
+    """vLLM engine-core processes (AsyncLLM's child) started after ``started``."""
+    found = []
+    for proc in psutil.process_iter(["name", "create_time"]):
+        if proc.info["create_time"] >= started and "EngineCore" in (proc.info["name"] or ""):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_vllm_async_engine_rollout_survives_a_replica_kill_and_equals_the_sync_one(run_root, tmp_path) -> None:
+    """policy.engine=async: the replica (and with it its AsyncLLM engine-core process) is killed
+    mid-run and restarted; every episode is written exactly once, and equals the sync engine's
+    (per-request seeds), and no engine core outlives the rollout."""
+    started = time.time()
+    users = sorted(load_prepared(tiny_run_config(run_root, "vllm").run_dir).user_histories("train"))[:30]
+    labels = EpisodeLabels(run="tiny", policy="base", split="train")
+    tables, killed = {}, {}
+    for engine in ("sync", "async"):
+        # Reports after every finished episode, so the kill comes while most are still running.
+        cfg = tiny_run_config(run_root, "vllm", engine, flush_episodes=1, flush_s=0.1)
+        sources = run_sources(cfg, model_dir=str(cfg.run_dir / "model" / "base"), split="train", max_steps=4)
+
+        def kill_replica(progress, engine=engine) -> None:
+            if engine == "async" and not killed and progress.done >= 1:
+                killed["at"] = progress.done
+                ray.kill(progress.replicas[0], no_restart=False)
+
+        out = tmp_path / engine
+        summary = collect_episodes(cfg, sources, user_ids=users, seeds=[0], temperature=1.0, out_dir=out,
+                                   labels=labels, on_report=kill_replica)
+        check_episodes(out, users, [0], "base")
+        assert summary["episodes"] == len(users)
+        tables[engine] = {(r["user_id"], r["seed"]): r for r in pq.read_table(out).to_pylist()}
+    assert killed and killed["at"] < len(users)  # killed mid-run
+    assert tables["async"] == tables["sync"]
+    deadline = time.time() + 30
+    while engine_cores_since(started) and time.time() < deadline:
+        time.sleep(1)
+    assert not engine_cores_since(started)

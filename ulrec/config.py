@@ -229,6 +229,11 @@ class ModelInitConfig(Section):
 
 class PolicyConfig(Section):
     backend: Literal["auto", "vllm", "hf"] = "auto"
+    # How rollout replicas drive a vLLM engine: "sync" = batches of one temperature through
+    # LLM.generate (the default; the README's measured numbers are on it); "async" = continuous
+    # batching on AsyncLLM, each prompt its own request (same seeds, same completions). The hf
+    # backend, the ReAct collector and BiLLP (which chain generate calls) always run "sync".
+    engine: Literal["sync", "async"] = "sync"
     # A Hugging Face model directory; None → the run's embedded base model (runs/<name>/model/base).
     model: str | None = None
     temperature: float = Field(default=0.5, ge=0)

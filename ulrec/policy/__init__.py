@@ -18,9 +18,10 @@ from pathlib import Path
 
 from ulrec.checks import check_model_dir
 from ulrec.errors import InputError
-from ulrec.policy.base import GenerationResult, Policy, SamplingConfig
+from ulrec.policy.base import AsyncPolicy, GenerationResult, Policy, SamplingConfig
 
 __all__ = [
+    "AsyncPolicy",
     "GenerationResult",
     "Policy",
     "SamplingConfig",
@@ -45,11 +46,15 @@ def resolve_model_dir(cfg) -> Path:
     return cfg.layout.base_model
 
 
-def make_policy(policy_cfg, model_dir: str | Path, titles: list[str] | None = None) -> Policy:
+def make_policy(
+    policy_cfg, model_dir: str | Path, titles: list[str] | None = None, *, engine: str = "sync"
+) -> Policy | AsyncPolicy:
     """Start a policy on ``model_dir`` (an HF model directory) per ``policy_cfg`` (``cfg.policy``).
 
     backend "auto" picks vllm when importable, else hf. ``titles`` (the catalogue) is required when
-    ``policy_cfg.constrained`` is set.
+    ``policy_cfg.constrained`` is set. ``engine="async"`` (callers that can await, i.e. rollout
+    replicas, pass ``policy_cfg.engine``) gives an :class:`AsyncPolicy` on the vllm backend; hf
+    stays synchronous.
     """
     model_dir = Path(model_dir)
     check_model_dir(model_dir, "policy model directory")
@@ -61,8 +66,10 @@ def make_policy(policy_cfg, model_dir: str | Path, titles: list[str] | None = No
     if backend == "vllm":
         if not vllm_available():
             raise InputError("policy.backend=vllm but vllm is not installed (install the cpu or gpu extra)")
-        from ulrec.policy.vllm_engine import VLLMPolicy
+        from ulrec.policy.vllm_engine import AsyncVLLMPolicy, VLLMPolicy
 
+        if engine == "async":
+            return AsyncVLLMPolicy(policy_cfg, model_dir, titles=titles)
         return VLLMPolicy(policy_cfg, model_dir, titles=titles)
     from ulrec.policy.hf import HFPolicy
 

@@ -72,6 +72,23 @@ class Policy(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class AsyncPolicy(Protocol):
+    """A policy on a continuously batching engine (``policy.engine: async``): ``generate_async``
+    sends each prompt as its own request and awaits them all; concurrent calls share the engine's
+    running batch. Same semantics as :class:`Policy` otherwise (seeds, temperature, stops)."""
+
+    backend: str
+    sampling: SamplingConfig
+
+    async def generate_async(
+        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> list[GenerationResult]: ...
+
+    def close(self) -> None: ...
+
+
 class SeedStream:
     """Per-request seeds for calls that pass none: a reproducible stream from the base seed."""
 

