@@ -9,6 +9,7 @@ KTO rows. Test users and the test simulator are never involved.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from ulrec.config import Config
 from ulrec.data import load_prepared
 from ulrec.evaluation import draw_users, eval_user_pool
 from ulrec.io import atomic_path, read_json, write_json
-from ulrec.resume import StageInputs, resume_key, run_stage
+from ulrec.resume import StageInputs, path_fingerprint, run_stage
 from ulrec.simulator.fit import simulator_fingerprint
 
 # The model by content, the users, and the simulator that answers; the temperature is in the
@@ -58,8 +59,9 @@ def on_policy_stage(cfg: Config, model_dir: Path) -> dict[str, Any]:
     rollout_cfg = on_policy_config(cfg)
     histories = load_prepared(cfg.run_dir).user_histories("train")
     users = draw_users(eval_user_pool(histories), cfg.rollout.num_users, cfg.run.seed)  # the rollout stage's
-    out_dir = cfg.layout.on_policy_rollouts(
-        resume_key(ON_POLICY_ROLLOUT_STAGE, rollout_cfg, model_dir=model_dir, users=users))
+    # Named by the playing model's content, so a sweep cell and the checkpoint adopted from it share
+    # one rollout; whether it is done for these settings is the runner's call, as everywhere.
+    out_dir = cfg.layout.on_policy_rollouts(hashlib.sha256(path_fingerprint(model_dir).encode()).hexdigest())
 
     def build(_key: str) -> tuple[None, dict[str, Any]]:
         summary = training_rollout(rollout_cfg, model_dir, out_dir, users, policy_name=model_dir.name)

@@ -8,7 +8,7 @@ the layout can be read (and changed) in one place::
       simulators/           train/, test/, calibration.json, metrics.jsonl           (ulrec env fit)
       model/base/           the base policy (embedded or converted)                   (ulrec model init)
       rollouts/train/       training episodes (Parquet dataset); train_round<r>/ later rounds
-                            onpolicy-<key>/ the stage-1 model's own episodes (kto.on_policy)
+                            onpolicy-<model>/ the stage-1 model's own episodes (kto.on_policy)
       rows/                 sft.parquet, kto.parquet, stats.json; rows_round<r>/ later rounds
       rows_onpolicy/<ckpt>/ own/ (those episodes' rows), kto.parquet (stage 2's), stats.json
       checkpoints/<name>/   sft (ULRec-P), kto (ULRec), kto_no_sft, sft2 (ablations),
@@ -73,10 +73,10 @@ class RunLayout:
     def rows(self, round_: int = 1) -> Path:
         return self.root / ("rows" if round_ == 1 else f"rows_round{round_}")
 
-    # kto.on_policy: the rollouts of the model stage 2 starts from, by their resume key (a sweep
-    # cell and the checkpoint adopted from it share them), and stage 2's rows per start checkpoint
-    def on_policy_rollouts(self, key: str) -> Path:
-        return self.root / "rollouts" / f"onpolicy-{key[:16]}"
+    # kto.on_policy: the rollouts of the model stage 2 starts from, by a digest of its content (a
+    # sweep cell and the checkpoint adopted from it share them), and stage 2's rows per checkpoint
+    def on_policy_rollouts(self, model_digest: str) -> Path:
+        return self.root / "rollouts" / f"onpolicy-{model_digest[:16]}"
 
     def on_policy_rows(self, model_name: str) -> Path:
         return self.root / "rows_onpolicy" / model_name
