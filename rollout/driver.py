@@ -51,6 +51,17 @@ ROLLOUT_STAGE = StageInputs(
 )
 
 
+def replay_rollout_stage(name: str) -> StageInputs:
+    """A tuned model replaying the training users on the train simulator (later rounds, on-policy
+    rows): the model by content, the users, and the simulator that answers; the temperature is in
+    the rollout section of the config the rollout runs with."""
+    return StageInputs(
+        name, ("rollout", "env", "policy", "grounding"),
+        lambda cfg, model_dir, users: {"model": Path(model_dir), "users": list(users),
+                                       "simulator": simulator_fingerprint(cfg, "train")},
+    )
+
+
 @dataclass(frozen=True)
 class RolloutSources:
     """Where a rollout's pieces come from. Factories run inside the actors (so a restarted actor
@@ -456,8 +467,7 @@ def training_rollout(cfg: Config, model_dir: Path, out_dir: Path, users: list[in
 
 def rollout_stage(cfg: Config) -> dict[str, Any]:
     """`ulrec rollout`: training rollouts on ``rollout.split`` into ``<run>/rollouts/<split>``."""
-    from ulrec.data import load_prepared
-    from ulrec.evaluation import draw_users, eval_user_pool
+    from ulrec.evaluation import training_users
     from ulrec.tracking import stage_logger
 
     ro = cfg.rollout
@@ -469,8 +479,7 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
     check_model_dir(model_dir, "rollout.collector.model" if ro.collector.model else "policy model directory")
 
     def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        histories = load_prepared(cfg.run_dir).user_histories(ro.split)
-        users = draw_users(eval_user_pool(histories), ro.num_users, cfg.run.seed)
+        users = training_users(cfg)
         summary = training_rollout(
             cfg, model_dir, out_dir, users, split=ro.split,
             policy_name="collector" if ro.collector.model else model_dir.name, collector=ro.collector,

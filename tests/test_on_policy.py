@@ -41,9 +41,9 @@ def test_the_rollout_runs_at_the_evaluation_temperature_by_default_with_the_tune
 
 
 def test_the_rollout_key_follows_its_temperature_and_model_not_stage_2s_settings(tmp_path, monkeypatch):
-    import train.on_policy as on_policy
+    import rollout.driver as driver
 
-    monkeypatch.setattr(on_policy, "simulator_fingerprint", lambda cfg, split: "sim")
+    monkeypatch.setattr(driver, "simulator_fingerprint", lambda cfg, split: "sim")
     model = tmp_path / "sft"
     model.mkdir()
     (model / "_stage.json").write_text(json.dumps({"hash": "a"}))

@@ -17,22 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rollout.driver import training_rollout
+from rollout.driver import replay_rollout_stage, training_rollout
 from train.rows import rows_stage
 from ulrec.config import Config
-from ulrec.data import load_prepared
-from ulrec.evaluation import draw_users, eval_user_pool
+from ulrec.evaluation import training_users
 from ulrec.io import atomic_path, read_json, write_json
-from ulrec.resume import StageInputs, path_fingerprint, run_stage
-from ulrec.simulator.fit import simulator_fingerprint
+from ulrec.resume import path_fingerprint, run_stage
 
-# The model by content, the users, and the simulator that answers; the temperature is in the
-# rollout section of the config the rollout runs with.
-ON_POLICY_ROLLOUT_STAGE = StageInputs(
-    "on-policy rollouts", ("rollout", "env", "policy", "grounding"),
-    lambda cfg, model_dir, users: {"model": Path(model_dir), "users": list(users),
-                                   "simulator": simulator_fingerprint(cfg, "train")},
-)
+ON_POLICY_ROLLOUT_STAGE = replay_rollout_stage("on-policy rollouts")
 
 
 def on_policy_config(cfg: Config) -> Config:
@@ -57,8 +49,7 @@ def on_policy_stage(cfg: Config, model_dir: Path) -> dict[str, Any]:
     the counts, with ``kto_rows`` the combined file."""
     model_dir = Path(model_dir)
     rollout_cfg = on_policy_config(cfg)
-    histories = load_prepared(cfg.run_dir).user_histories("train")
-    users = draw_users(eval_user_pool(histories), cfg.rollout.num_users, cfg.run.seed)  # the rollout stage's
+    users = training_users(cfg)
     # Named by the playing model's content, so a sweep cell and the checkpoint adopted from it share
     # one rollout; whether it is done for these settings is the runner's call, as everywhere.
     out_dir = cfg.layout.on_policy_rollouts(hashlib.sha256(path_fingerprint(model_dir).encode()).hexdigest())
@@ -79,14 +70,15 @@ def on_policy_stage(cfg: Config, model_dir: Path) -> dict[str, Any]:
         with atomic_path(kto_rows) as tmp:
             pq.write_table(combined, tmp)
     labels = combined.column("label")
+    positives = int(pc.sum(labels).as_py() or 0)
     stats = {
         "temperature": rollout_cfg.rollout.temperature,
         "keep": cfg.kto.on_policy.rows,
         "on_policy_positives": own["positives"],
         "on_policy_negatives": own["negatives"],
         "on_policy_negatives_by_reason": own["negatives_by_reason"],
-        "positives": int(pc.sum(labels).as_py() or 0),
-        "negatives": int(len(labels) - (pc.sum(labels).as_py() or 0)),
+        "positives": positives,
+        "negatives": len(labels) - positives,
         "rollouts": str(out_dir),
         "kto_rows": str(kto_rows),
     }

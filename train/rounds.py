@@ -11,29 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rollout.driver import training_rollout
+from rollout.driver import replay_rollout_stage, training_rollout
 from rollout.evaluate import evaluate_model
 from train.rows import rows_stage
 from train.stages import kto_stage
 from ulrec.config import Config
-from ulrec.data import load_prepared
-from ulrec.evaluation import draw_users, eval_user_pool, select_eval_users
+from ulrec.evaluation import select_eval_users, training_users
 from ulrec.io import read_json, write_json
-from ulrec.resume import StageInputs, run_stage
-from ulrec.simulator.fit import simulator_fingerprint
+from ulrec.resume import run_stage
 
 
 def round_model_dir(cfg: Config, r: int) -> Path:
     return cfg.layout.round_checkpoint(r)
 
 
-# Round r's rollouts: the previous round's model by content (a retrained round keeps its path),
-# the users, and the simulator that answers.
-ROUND_ROLLOUT_STAGE = StageInputs(
-    "round rollouts", ("rollout", "env", "policy", "grounding"),
-    lambda cfg, model_dir, users: {"model": Path(model_dir), "users": list(users),
-                                   "simulator": simulator_fingerprint(cfg, "train")},
-)
+# Round r's rollouts: the previous round's model (a retrained round keeps its path).
+ROUND_ROLLOUT_STAGE = replay_rollout_stage("round rollouts")
 
 
 def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> None:
@@ -48,8 +41,7 @@ def _collect(cfg: Config, model_dir: Path, out_dir: Path, users: list[int]) -> N
 def rounds_stage(cfg: Config) -> list[dict[str, Any]]:
     """Run rounds 2..``pipeline.rounds`` after round 1 finished; returns Len per round."""
     eval_users = select_eval_users(cfg, "test")
-    histories = load_prepared(cfg.run_dir).user_histories("train")
-    train_users = draw_users(eval_user_pool(histories), cfg.rollout.num_users, cfg.run.seed)
+    train_users = training_users(cfg)
     summary = read_json(cfg.layout.eval_summary("ulrec"))
     rounds = [{"round": 1, **{k: summary[k] for k in ("len_mean", "len_std", "reward_mean", "reward_std")}}]
     rollout_dirs = [cfg.layout.rollouts("train")]
