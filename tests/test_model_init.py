@@ -103,6 +103,7 @@ def test_build_base_model_tiny(tmp_path):
     assert info["warm_start_steps"] > 0 and info["loss_last_mean"] < info["loss_first"]
     assert 0.0 <= info["exact_title_rate"] <= info["format_rate"] <= 1.0
     assert info["eval_prompts"] == cfg.model.warm_start_eval_prompts
+    assert info["built_on"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
     model = AutoModelForCausalLM.from_pretrained(out)

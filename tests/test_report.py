@@ -57,10 +57,16 @@ def test_report_tables_and_plots(tmp_path):
     metrics = cfg.run_dir / "checkpoints" / "kto" / "metrics.jsonl"
     metrics.parent.mkdir(parents=True)
     metrics.write_text("\n".join(json.dumps({"step": i, "loss": 1.0 / (i + 1), "kl": 0.1 * i}) for i in range(5)))
+    base = cfg.layout.base_model
+    base.mkdir(parents=True)
+    (base / "_stage.json").write_text(json.dumps({"built_on": {"cpu": "Some CPU", "torch": "2.13.0",
+                                                              "torch_cpu_capability": "AVX2"}}))
     out = build_report(cfg)
     report = (cfg.run_dir / "report.md").read_text()
+    assert "Base model built on Some CPU (torch 2.13.0, AVX2 kernels" in report
     assert "| Len ↑ | 3.00 ± 0.00 | 1.50 ± 0.00 | 5.00 ± 0.00 | 8.50 ± 0.00 |" in report
-    assert report.index("DQN") < report.index("Base") < report.index("ULRec-P")
+    main = report[report.index("## Main results"):]
+    assert main.index("DQN") < main.index("Base") < main.index("ULRec-P")
     for name in ("len_distribution", "exit_reasons", "training_curves"):
         png = cfg.run_dir / out["plots"][name]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

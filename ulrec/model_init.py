@@ -339,6 +339,24 @@ EMBEDDED_MODEL_STAGE = StageInputs(
     lambda cfg, template, history_length: {"data": cfg.layout.data, "template": template, "history_length": history_length})
 
 
+def built_on() -> dict[str, str]:
+    """The CPU and kernels a model was trained with. The warm start is seeded, but its float sums
+    follow the SIMD kernels torch and its BLAS dispatch to per CPU (e.g. AVX-512 or AVX2), so the
+    same config builds a different model on another CPU: compare runs only where these agree."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
+
+
 def build_embedded_model(cfg: Config) -> dict:
     """Build, warm-start and save the embedded base model; returns what it measured."""
     out_dir = cfg.layout.base_model
@@ -405,5 +423,6 @@ def _build_embedded(cfg: Config, builder: PromptBuilder, out_dir: Path) -> tuple
             "warm_start_seconds": round(trained - built, 2),
             "eval_prompts": len(outputs),
             **title_rates(outputs, titles),
+            "built_on": built_on(),
         }
     return info, info

@@ -18,7 +18,7 @@ from ulrec.config import Config
 from ulrec.errors import UlrecError
 from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summarize_episodes
 from ulrec.layout import EPISODES_DIR, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, SUMMARY_FILE, RunLayout
-from ulrec.io import atomic_path, read_json, write_json, write_text
+from ulrec.io import STAGE_FILE, atomic_path, read_json, write_json, write_text
 from ulrec.tracking import read_metrics
 
 LLM_ORDER = ["collector", "base", "ulrec-p", "ulrec"]
@@ -337,6 +337,16 @@ def _tau_d(calibration: dict[str, Any], cfg: Config) -> str:
     return f"{value:.4g}{quantile}"
 
 
+def _built_on(model_dir: Path) -> str:
+    """Where the embedded base model was trained: its warm start follows the CPU's kernels."""
+    marker = model_dir / STAGE_FILE
+    where = read_json(marker).get("built_on") if marker.is_file() else None
+    if not where:
+        return ""
+    return (f" Base model built on {where['cpu']} (torch {where['torch']}, {where['torch_cpu_capability']} "
+            "kernels; another CPU builds another model from the same config).")
+
+
 def build_report(cfg: Config) -> dict[str, Any]:
     run_dir, layout = cfg.run_dir, cfg.layout
     results = collect_results(run_dir)
@@ -370,6 +380,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         f"{_tau_d(calibration, cfg)}"
         + (" (legacy rule)" if cfg.env.legacy else "")
         + "."
+        + _built_on(layout.base_model)
     )
     md += ["", "## Main results (paper Table 1)", "", table_main(results)]
     if any(m in results for m in ("wo-sft", "wo-kto")):
