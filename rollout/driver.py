@@ -29,7 +29,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rollout.episode import EpisodeLabels, RolloutSummary
 from ulrec.ray_session import init_ray, wait_until_alive
-from rollout.replica import PolicyReplica, TitleGrounder
+from rollout.engines import active_pool, make_room
+from rollout.replica import ModelRef, PolicyReplica, TitleGrounder
 from rollout.shard import EpisodeSpec, ShardReport, UserShard
 from ulrec.checks import check_model_dir
 from ulrec.config import Config
@@ -39,7 +40,7 @@ from ulrec.io import atomic_path
 from ulrec.policy import Policy, make_policy, resolve_model_dir
 from ulrec.prompts import PromptBuilder
 from ulrec.data import prepared_data
-from ulrec.resume import StageInputs, run_stage
+from ulrec.resume import StageInputs, path_fingerprint, run_stage
 from ulrec.simulator.env import EchoChamberEnv
 from ulrec.simulator.fit import simulator_fingerprint
 
@@ -68,6 +69,9 @@ class RolloutSources:
     rebuilds its engine or env) and must be picklable.
 
     policy_factory(titles) -> Policy, grounder_factory(titles) -> grounder, env_factory() -> env.
+    ``model_dir`` is the directory policy_factory loads; ``engine_key`` names everything else a
+    replica is built from, so replicas kept from an earlier rollout with the same key can serve this
+    one after switching to ``model_dir`` (None: never reused, e.g. a wrapped planner).
     """
 
     titles: list[str]
@@ -75,6 +79,8 @@ class RolloutSources:
     policy_factory: Callable[[list[str]], Policy]
     grounder_factory: Callable[[list[str]], TitleGrounder]
     env_factory: Callable[[], EchoChamberEnv]
+    model_dir: str | None = None
+    engine_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,13 +142,33 @@ def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, coll
         raise DataError(f"{simulator_path(cfg, split)}: no saved simulator (run `ulrec env fit` first)")
     env_config_for(cfg, split, max_steps=max_steps)
     data = load_prepared(cfg.run_dir)
+    plain = billp is None and (collector is None or collector.prompt_style != "react")
     return RolloutSources(
         titles=data.titles,
         histories=data.user_histories(split, max_len=cfg.policy.history_length),
         policy_factory=partial(_policy_factory, cfg.policy, str(model_dir), collector=collector, billp=billp),
         grounder_factory=partial(_grounder_factory, cfg.grounding),
         env_factory=partial(_env_factory, cfg, split, max_steps),
+        model_dir=str(model_dir),
+        engine_key=engine_key(cfg, data.titles) if plain else None,
     )
+
+
+def engine_key(cfg: Config, titles: list[str]) -> str:
+    """What a plain replica is built from apart from its model: the policy and grounding settings,
+    the catalogue, and the replicas' own options."""
+    import hashlib
+    import json
+
+    ro = cfg.rollout
+    parts = {
+        "policy": cfg.policy.model_dump(mode="json", exclude={"model"}),
+        "grounding": cfg.grounding.model_dump(mode="json"),
+        "titles": hashlib.sha256("\n".join(titles).encode()).hexdigest(),
+        "replicas": [ro.num_replicas, ro.replica_num_cpus, ro.replica_num_gpus, dict(ro.replica_resources),
+                     ro.max_restarts, ro.max_batch_size],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def run_rollout(
@@ -225,17 +251,32 @@ def collect_episodes(
     init_ray(cfg)
     ro = cfg.rollout
     titles_ref = ray.put(sources.titles)
-    replicas = [
-        PolicyReplica.options(
-            num_cpus=ro.replica_num_cpus,
-            num_gpus=ro.replica_num_gpus,
-            resources=dict(ro.replica_resources),
-            max_restarts=ro.max_restarts,
-            max_task_retries=0,
-            scheduling_strategy="SPREAD",
-        ).remote(sources.policy_factory, sources.grounder_factory, titles_ref, ro.max_batch_size)
-        for _ in range(ro.num_replicas)
-    ]
+    model = ModelRef(sources.model_dir, path_fingerprint(sources.model_dir)) if sources.model_dir else None
+
+    def start_replicas() -> list:
+        return [
+            PolicyReplica.options(
+                num_cpus=ro.replica_num_cpus,
+                num_gpus=ro.replica_num_gpus,
+                resources=dict(ro.replica_resources),
+                max_restarts=ro.max_restarts,
+                max_task_retries=0,
+                scheduling_strategy="SPREAD",
+            ).remote(sources.policy_factory, sources.grounder_factory, titles_ref, ro.max_batch_size, model)
+            for _ in range(ro.num_replicas)
+        ]
+
+    demand = {"CPU": ro.replica_num_cpus * ro.num_replicas, "GPU": ro.replica_num_gpus * ro.num_replicas,
+              **{k: v * ro.num_replicas for k, v in ro.replica_resources.items()}}
+    pool = active_pool() if sources.engine_key and model else None
+    if pool is not None:
+        replicas, engines = pool.replicas_for(sources.engine_key, model, demand, start_replicas, ro.start_timeout_s,
+                                              pinned=titles_ref)
+    else:
+        # Replicas of its own (a wrapped planner, say): kept ones give way if both cannot be placed.
+        make_room({**demand, "CPU": demand["CPU"] + ro.shard_num_cpus * min(ro.num_shards, len(specs))},
+                  f"{labels.policy}'s own replicas")
+        replicas, engines = start_replicas(), "started"
     num_shards = min(ro.num_shards, len(specs))
     shards = [
         UserShard.options(
@@ -253,9 +294,11 @@ def collect_episodes(
             flush_s=ro.flush_s,
             request_attempts=(ro.max_restarts + 1) * ro.num_replicas + 1,
             retry_backoff_s=ro.retry_backoff_s,
+            model=model,
         )
         for _ in range(num_shards)
     ]
+    kept = False
     try:
         _wait_for_actors(replicas, shards, ro)
         ready = time.perf_counter()
@@ -267,14 +310,18 @@ def collect_episodes(
             writer.close()
         finished = time.perf_counter()
         replica_stats = _replica_stats(replicas)
+        kept = pool is not None
     finally:
-        for actor in shards + replicas:
+        for actor in shards + ([] if kept else replicas):
             ray.kill(actor, no_restart=True)
+        if pool is not None and not kept:
+            pool.close()  # a failed rollout leaves no replica behind
     summary = progress.summary.as_dict(finished - ready)
     summary.update(
         startup_s=ready - started,
         total_wall_s=finished - started,
         restarts=progress.restarts,
+        engines=engines,
         replica_stats=replica_stats,
         out_dir=str(out_dir),
         policy=labels.policy,

@@ -144,10 +144,18 @@ def evaluate_model(
 
 
 def eval_stage(cfg: Config) -> dict[str, Any]:
+    from rollout.engines import kept_engines
+
     users = select_eval_users(cfg, "test")
     results = {}
-    for method in eval_methods(cfg):
-        summary = evaluate_model(cfg, method, method_model_dir(cfg, method), users)
+    methods = eval_methods(cfg)
+    # Planners wrapping the engine bring replicas of their own: after the methods that share one pool.
+    wrapped = {"billp"} | ({"collector"} if cfg.rollout.collector.prompt_style == "react" else set())
+    with kept_engines(cfg.rollout.keep_engines):  # the plain methods on one pool of replicas
+        summaries = {method: evaluate_model(cfg, method, method_model_dir(cfg, method), users)
+                     for method in sorted(methods, key=lambda m: m in wrapped)}
+    for method in methods:
+        summary = summaries[method]
         results[method] = {
             "Len": f"{summary['len_mean']:.2f} ± {summary['len_std']:.2f}",
             "Traj Reward": f"{summary['reward_mean']:.2f} ± {summary['reward_std']:.2f}",

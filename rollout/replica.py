@@ -14,6 +14,11 @@ With an engine that batches continuously (``policy.engine: async``, an ``AsyncPo
 no batching loop: each ``act`` call's prompts go straight into the engine's running batch (one
 request per prompt, each with its own seed and temperature), and the call's answers are grounded on
 the same grounding thread while the engine keeps generating for the other calls.
+
+A replica knows which model directory it serves. Kept between rollouts (``rollout.keep_engines``),
+it switches to the next model's weights in place (``use_model``) where the engine can; every
+``act`` names the model it wants, so a replica that Ray restarted (its factory builds the first
+model) switches before it answers.
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ def parse_and_ground(results: Sequence[GenerationResult], grounder: TitleGrounde
     return actions
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a replica serves: its directory, and its content's version (a checkpoint
+    retrained at the same path is another model)."""
+
+    path: str
+    version: str
+
+
 @dataclass
 class _Request:
     prompts: list[str]
@@ -77,8 +91,10 @@ class PolicyReplica:
         grounder_factory: Callable[[list[str]], TitleGrounder],
         titles: list[str],
         max_batch_size: int,
+        model: ModelRef | None = None,
     ) -> None:
         self.policy = policy_factory(titles)
+        self.model = model  # what policy_factory loads; None: unnamed (never switched)
         self.continuous = isinstance(self.policy, AsyncPolicy)
         self.grounder = grounder_factory(titles)
         self.max_batch_size = max_batch_size
@@ -90,8 +106,9 @@ class PolicyReplica:
         self._generate_pool = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._ground_pool = ThreadPoolExecutor(1, thread_name_prefix="ground")
         # batches: engine calls (continuous: act calls); generate_s: seconds the engine was busy.
-        self._stats = {"batches": 0, "prompts": 0, "tokens": 0, "generate_s": 0.0}
+        self._stats = {"batches": 0, "prompts": 0, "tokens": 0, "generate_s": 0.0, "swaps": 0, "swap_s": 0.0}
         self._in_flight, self._busy_since = 0, 0.0
+        self._swap_lock: asyncio.Lock | None = None
 
     def ready(self) -> str:
         return self.policy.backend
@@ -101,10 +118,52 @@ class PolicyReplica:
         prefix_cache = getattr(self.policy, "prefix_cache", None)
         return dict(self._stats, **({"prefix_cache": prefix_cache()} if prefix_cache else {}))
 
-    async def act(self, prompts: list[str], seeds: list[int], temperature: float) -> list[GroundedAction]:
-        """Generate, parse and ground one answer per prompt (order kept)."""
+    def serving(self) -> ModelRef | None:
+        return self.model
+
+    def reset_stats(self) -> None:
+        """Zero the counters (a kept replica starts each rollout's figures afresh)."""
+        self._stats = dict.fromkeys(self._stats, 0)
+        reset = getattr(self.policy, "reset_prefix_cache_counts", None)
+        if reset:
+            reset()
+
+    async def use_model(self, model: ModelRef) -> str | None:
+        """Serve ``model`` from now on, switching weights in place; returns None when it does, else
+        why it cannot (the caller then starts a new replica). Call between rollouts."""
+        from ulrec.policy.weights import swap_blocker
+
+        if self._swap_lock is None:
+            self._swap_lock = asyncio.Lock()
+        async with self._swap_lock:  # concurrent calls for one model: one switch, then no-ops
+            if model == self.model:
+                return None
+            swap = getattr(self.policy, "swap_weights_async" if self.continuous else "swap_weights", None)
+            if swap is None or self.model is None:
+                return f"the {self.policy.backend} backend cannot switch weights in place"
+            blocker = swap_blocker(self.model.path, model.path)
+            if blocker:
+                return blocker
+            started = time.perf_counter()
+            if self.continuous:
+                await swap(model.path)
+            else:  # on the engine's thread: never beside a generate call
+                await asyncio.get_running_loop().run_in_executor(self._generate_pool, swap, model.path)
+            self.model = model
+            self._stats["swaps"] += 1
+            self._stats["swap_s"] += time.perf_counter() - started
+            return None
+
+    async def act(self, prompts: list[str], seeds: list[int], temperature: float,
+                  model: ModelRef | None = None) -> list[GroundedAction]:
+        """Generate, parse and ground one answer per prompt (order kept), with ``model``'s weights
+        when given."""
         if not prompts:
             return []
+        if model is not None and model != self.model:
+            blocker = await self.use_model(model)
+            if blocker:
+                raise RuntimeError(f"replica serves {self.model}, cannot switch to {model}: {blocker}")
         if self.continuous:
             return await self._act_continuous(prompts, seeds, temperature)
         if self._loop_task is None:

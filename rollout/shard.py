@@ -149,8 +149,9 @@ class _ReplicaRouter:
     there while Ray restarts it) or when its home has more than ``slack`` prompts outstanding
     beyond the least-loaded replica."""
 
-    def __init__(self, replicas: list, attempts: int, backoff_s: float, slack: int = 0) -> None:
+    def __init__(self, replicas: list, attempts: int, backoff_s: float, slack: int = 0, model=None) -> None:
         self.replicas = replicas
+        self.model = model  # the ModelRef every request names (None: whatever the replica serves)
         self.outstanding = [0] * len(replicas)
         self.down_until = [0.0] * len(replicas)
         self.attempts = attempts
@@ -185,7 +186,7 @@ class _ReplicaRouter:
             i = self._pick(lane)
             self.outstanding[i] += len(prompts)
             try:
-                return await self.replicas[i].act.remote(prompts, seeds, temperature)
+                return await self.replicas[i].act.remote(prompts, seeds, temperature, self.model)
             except RayActorError as exc:
                 # A replica that is restarting (ActorUnavailableError) comes back however long its
                 # engine takes to start (an AsyncLLM replica: ~1 min on 2 cores); only other
@@ -230,6 +231,7 @@ class UserShard:
         flush_s: float,
         request_attempts: int,
         retry_backoff_s: float,
+        model=None,
     ) -> None:
         template_env = env_factory()
         self.user_model = template_env.user_model
@@ -242,7 +244,7 @@ class UserShard:
         self.flush_episodes = flush_episodes
         self.flush_s = flush_s
         # A lane stays on its replica unless that one has a lane's worth of prompts more queued.
-        self.router = _ReplicaRouter(replicas, request_attempts, retry_backoff_s, slack=lane_size)
+        self.router = _ReplicaRouter(replicas, request_attempts, retry_backoff_s, slack=lane_size, model=model)
 
     def ready(self) -> bool:
         return True

@@ -316,7 +316,7 @@ def test_lanes_keep_their_replica_until_it_fails_or_falls_behind():
             outer = self
 
             class Act:
-                async def remote(self, prompts, seeds, temperature):
+                async def remote(self, prompts, seeds, temperature, model=None):
                     outer.calls.append(len(prompts))
                     if outer.fail:
                         raise RayActorError()
@@ -366,7 +366,7 @@ def test_a_restarting_replica_is_waited_for_without_using_up_attempts():
             outer = self
 
             class Act:
-                async def remote(self, prompts, seeds, temperature):
+                async def remote(self, prompts, seeds, temperature, model=None):
                     if outer.errors:
                         raise outer.errors.pop(0)
                     return ["ok"] * len(prompts)

@@ -151,3 +151,70 @@ def test_vllm_async_engine_rollout_survives_a_replica_kill_and_equals_the_sync_o
     while engine_cores_since(started) and time.time() < deadline:
         time.sleep(1)
     assert not engine_cores_since(started)
+
+
+def perturbed_copy(model_dir, out_dir, scale: float = 0.3) -> None:
+    """The same architecture and tokenizer with other weights (each tensor plus seeded noise)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out_dir)
+    weights = load_file(str(out_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    noisy = {k: v + scale * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
+             for k, v in weights.items()}
+    save_file(noisy, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "_stage.json").unlink(missing_ok=True)  # identified by content, not the base's marker
+
+
+@pytest.mark.slow
+def test_kept_replicas_switch_weights_in_place_and_play_as_fresh_ones(run_root, tmp_path) -> None:
+    """rollout.keep_engines: inside one scope the next model's rollout reuses the replica (same
+    actor), its engine switched to the new weights; its episodes equal a fresh replica's on that
+    model, also when the replica is killed mid-run (Ray rebuilds it on the first model, and it
+    switches before it answers). A model that only differs in weights is switched; one with another
+    generation config replaces the replica."""
+    from rollout.engines import kept_engines
+
+    cfg = tiny_run_config(run_root, "vllm", flush_episodes=1, flush_s=0.1)
+    base = cfg.run_dir / "model" / "base"
+    other, regenerated = tmp_path / "other", tmp_path / "regenerated"
+    perturbed_copy(base, other)
+    perturbed_copy(base, regenerated)
+    config = json.loads((regenerated / "generation_config.json").read_text())
+    (regenerated / "generation_config.json").write_text(json.dumps({**config, "top_k": 5}))
+    users = sorted(load_prepared(cfg.run_dir).user_histories("train"))[:20]
+    labels = EpisodeLabels(run="tiny", policy="base", split="train")
+
+    def play(model_dir, name, on_report=None):
+        sources = run_sources(cfg, model_dir=str(model_dir), split="train", max_steps=4)
+        summary = collect_episodes(cfg, sources, user_ids=users, seeds=[0], temperature=1.0,
+                                   out_dir=tmp_path / name, labels=labels, on_report=on_report)
+        check_episodes(tmp_path / name, users, [0], "base")
+        return summary, {(r["user_id"], r["seed"]): r for r in pq.read_table(tmp_path / name).to_pylist()}
+
+    fresh, fresh_episodes = play(other, "fresh")  # no scope: its own replica, killed after
+    assert fresh["engines"] == "started"
+    killed = {}
+
+    def kill_replica(progress) -> None:
+        if not killed and progress.done >= 1:
+            killed["at"] = progress.done
+            ray.kill(progress.replicas[0], no_restart=False)
+
+    with kept_engines() as pool:
+        first, first_episodes = play(base, "first")
+        replica = pool.replicas[0]
+        switched, switched_episodes = play(other, "switched", on_report=kill_replica)
+        assert switched["engines"] == "switched" and pool.replicas[0] is replica
+        again, again_episodes = play(other, "again")
+        assert again["engines"] == "kept" and again["replica_stats"][0]["swaps"] == 0
+        replaced, _ = play(regenerated, "regenerated")
+        assert replaced["engines"] == "replaced: generation_config.json differs"
+        assert pool.replicas[0] is not replica
+    assert killed and killed["at"] < len(users)  # killed mid-run, after the switch
+    assert first_episodes != fresh_episodes  # the weights did change what the policy writes
+    assert switched_episodes == fresh_episodes and again_episodes == fresh_episodes
+    assert not pool.replicas  # the scope's end released them

@@ -345,10 +345,13 @@ def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, resume_key: s
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
+    from rollout.engines import make_room
+
+    resources = worker_resources(scaling)
+    make_room({k: v * scaling.num_workers for k, v in resources.items()}, f"{job.name} training")
     filesystem, storage = resolve_storage(cfg.run.train_storage or cfg.layout.ray_train)
     # The resume key names the Ray Train run: a restarted stage resumes its own checkpoints only.
     run_name = f"{job.name}-{resume_key}"
-    resources = worker_resources(scaling)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job},

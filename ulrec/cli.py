@@ -279,6 +279,12 @@ def _sweep_step(cfg: Config) -> tuple[dict, Config]:
 def run_pipeline(cfg: Config) -> str:
     if cfg.rollout.split != "train":
         raise UlrecError("rollout.split must be 'train' for `ulrec run` (training data comes from train users)")
+    # One pool of policy replicas for every rollout of the run (rollout.keep_engines).
+    with _resolve("rollout.engines:kept_engines")(cfg.rollout.keep_engines):
+        return _run_pipeline(cfg)
+
+
+def _run_pipeline(cfg: Config) -> str:
     runner = _StepRunner(cfg)
     stages = [s for s in PIPELINE if not (cfg.policy.model and s[0] == "base model")]  # a named model replaces it
     for name, stage in stages:

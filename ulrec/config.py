@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,6 +33,8 @@ class Section(BaseModel):
     # allow_inf_nan=False: every float in the schema (lists included) must be finite; an infinite
     # learning rate or β would otherwise train a NaN model and mark it complete.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # Fields that change how a stage runs but never what it writes: left out of resume keys.
+    not_stage_inputs: ClassVar[frozenset[str]] = frozenset()
 
 
 # A run name is one directory under run.root: no separators, no "..", nothing hidden.
@@ -292,6 +294,8 @@ class CollectorConfig(Section):
 
 
 class RolloutConfig(Section):
+    not_stage_inputs: ClassVar[frozenset[str]] = frozenset({"keep_engines"})
+
     split: Literal["train", "test"] = "train"
     num_users: int = Field(default=2000, ge=1)
     # Exploration temperature for training rollouts (evaluation uses eval.temperature).
@@ -311,6 +315,10 @@ class RolloutConfig(Section):
     # Prompts a replica takes at once.
     max_batch_size: int = Field(default=256, ge=1)
     max_restarts: int = Field(default=3, ge=0)
+    # `ulrec run` / `ulrec eval`: one pool of replicas serves every rollout with the same replica
+    # settings, switching weights in place between models (no new actor, engine or grounder);
+    # released before training that cannot be placed beside it. false: fresh replicas per rollout.
+    keep_engines: bool = True
     # Episodes stepped together in one batched env inside a shard. A shard runs its lanes
     # concurrently, so env steps of one lane overlap generation for the others.
     lane_size: int = Field(default=256, ge=1)
@@ -772,7 +780,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def section_hash(cfg: Config, *sections: str, extra: Any = None) -> str:
     """Stable hash of the named config sections (plus extra inputs): a stage's resume key."""
-    payload = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
+    payload = {}
+    for name in sections:
+        section = getattr(cfg, name)
+        payload[name] = section.model_dump(mode="json", exclude=set(section.not_stage_inputs))
     if extra is not None:
         payload["__extra__"] = extra
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -350,6 +350,9 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
         titles = load_prepared(cfg.run_dir).titles
 
     init_ray(cfg)
+    from rollout.engines import make_room
+
+    make_room({"CPU": 1.0}, "the RL baselines")  # RLlib learns in this process; Ray Data asks 0.5 CPU
     results: dict[str, Any] = {}
     with torch_threads(1), ordered_ray_data(), stage_logger(cfg, "baselines", out_root) as logger:
         logged_path = logged_stats = None

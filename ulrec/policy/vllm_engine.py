@@ -54,6 +54,8 @@ def _engine_kwargs(policy_cfg, model_dir: str | Path) -> dict:
         max_num_seqs=policy_cfg.max_num_seqs,
         seed=policy_cfg.seed,
         gpu_memory_utilization=policy_cfg.gpu_memory_utilization,
+        # collective_rpc("swap_weights") on every worker: engines that live across stages.
+        worker_extension_cls="ulrec.policy.vllm_worker.WeightSwapExtension",
         **kwargs,
     )
 
@@ -66,6 +68,7 @@ class _VLLMRequests:
 
     def _setup(self, policy_cfg, model_dir, titles, tokenizer, max_model_len: int) -> None:
         self.tokenizer = tokenizer
+        self._chat_template = policy_cfg.chat_template
         self.renderer = ChatRenderer(self.tokenizer, policy_cfg.chat_template, source=str(model_dir))
         self.max_model_len = int(max_model_len)
         self.sampling = SamplingConfig.from_policy_config(policy_cfg)
@@ -108,6 +111,10 @@ class _VLLMRequests:
             for ids, seed in zip(encoded, seeds, strict=True)
         ]
 
+    def _swapped(self, model_dir) -> None:
+        # The tokenizer is the same (``ulrec.policy.weights.swap_blocker``); the renderer names its source.
+        self.renderer = ChatRenderer(self.tokenizer, self._chat_template, source=str(model_dir))
+
     @staticmethod
     def _result(output) -> GenerationResult:
         completion = output.outputs[0]
@@ -135,6 +142,15 @@ class VLLMPolicy(_VLLMRequests):
             return []
         outputs = self.llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
         return [self._result(o) for o in outputs]
+
+    def swap_weights(self, model_dir: str | Path) -> None:
+        """Load ``model_dir``'s weights into this engine in place (same architecture and tokenizer:
+        check ``ulrec.policy.weights.swap_blocker`` first); the prefix cache is emptied, so later
+        completions equal a fresh engine's on that model. Call between generate calls."""
+        self.llm.collective_rpc("swap_weights", args=(str(model_dir),))
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight swap")
+        self._swapped(model_dir)
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
@@ -204,6 +220,13 @@ class AsyncVLLMPolicy(_VLLMRequests):
             final = output
         return self._result(final)
 
+    async def swap_weights_async(self, model_dir: str | Path) -> None:
+        """:meth:`VLLMPolicy.swap_weights` on AsyncLLM; call when no request is in flight."""
+        await self.llm.collective_rpc("swap_weights", args=(str(model_dir),))
+        if not await self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight swap")
+        self._swapped(model_dir)
+
     @property
     def dead(self) -> bool:
         """True once the engine core has failed (every later request would fail too)."""
@@ -212,6 +235,9 @@ class AsyncVLLMPolicy(_VLLMRequests):
     def prefix_cache(self) -> dict:
         """Prompt tokens looked up in the prefix cache so far, and how many were hits."""
         return dict(self._cache)
+
+    def reset_prefix_cache_counts(self) -> None:
+        self._cache.update(queries=0, hits=0)
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
