@@ -130,6 +130,9 @@ def evaluate_model(
             model_dir=str(model_dir),
             tokens_per_s=rollout_summary.get("tokens_per_s"),
             wall_s=rollout_summary.get("wall_s"),
+            # Actor start-up (new replicas, or kept ones switched to this model: rollout.keep_engines).
+            startup_s=rollout_summary.get("startup_s"),
+            engines=rollout_summary.get("engines"),
         )
         if billp is not None:
             summary["billp"] = {**cfg.billp.model_dump(), **billp.memory.stats,
