@@ -295,6 +295,7 @@ def collect_episodes(
             request_attempts=(ro.max_restarts + 1) * ro.num_replicas + 1,
             retry_backoff_s=ro.retry_backoff_s,
             model=model,
+            lane_affinity=ro.lane_affinity,
         )
         for _ in range(num_shards)
     ]

@@ -232,6 +232,7 @@ class UserShard:
         request_attempts: int,
         retry_backoff_s: float,
         model=None,
+        lane_affinity: bool = True,
     ) -> None:
         template_env = env_factory()
         self.user_model = template_env.user_model
@@ -245,6 +246,7 @@ class UserShard:
         self.flush_s = flush_s
         # A lane stays on its replica unless that one has a lane's worth of prompts more queued.
         self.router = _ReplicaRouter(replicas, request_attempts, retry_backoff_s, slack=lane_size, model=model)
+        self.lane_affinity = lane_affinity  # off: every request to the least-loaded replica
 
     def ready(self) -> bool:
         return True
@@ -269,7 +271,8 @@ class UserShard:
         async def drive(lane: Lane, lane_id: int) -> None:
             while lane.num_running:
                 rows, prompts, seeds = lane.requests()
-                actions = await self.router.act(prompts, seeds, self.temperature, lane=lane_id)
+                actions = await self.router.act(prompts, seeds, self.temperature,
+                                                lane=lane_id if self.lane_affinity else None)
                 for episode in lane.apply(rows, actions):
                     outbox.append(finished_row(episode, self.labels, self.builder, self.titles))
                 counters["steps"] += len(rows)

@@ -46,3 +46,14 @@ def test_a_job_runs_beside_kept_replicas_only_where_both_fit():
     assert fits_beside(replicas, {"CPU": 6.0, "GPU": 6.0, "trainer_gpu": 6.0}, cluster)
     assert not fits_beside(replicas, {"CPU": 8.0, "GPU": 8.0, "trainer_gpu": 8.0}, cluster)
     assert not fits_beside({}, {"GPU": 1.0}, {"CPU": 2.0})  # a resource the cluster lacks
+
+
+def test_run_time_switches_are_not_stage_inputs():
+    """Keeping engines or lane affinity changes how a rollout runs, never what it writes: neither
+    invalidates finished stages."""
+    from ulrec.config import load_config, section_hash
+
+    plain = load_config(None, [])
+    switched = load_config(None, ["rollout.keep_engines=false", "rollout.lane_affinity=false"])
+    other = load_config(None, ["rollout.num_users=7"])
+    assert section_hash(plain, "rollout") == section_hash(switched, "rollout") != section_hash(other, "rollout")

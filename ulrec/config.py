@@ -294,7 +294,7 @@ class CollectorConfig(Section):
 
 
 class RolloutConfig(Section):
-    not_stage_inputs: ClassVar[frozenset[str]] = frozenset({"keep_engines"})
+    not_stage_inputs: ClassVar[frozenset[str]] = frozenset({"keep_engines", "lane_affinity"})
 
     split: Literal["train", "test"] = "train"
     num_users: int = Field(default=2000, ge=1)
@@ -322,6 +322,9 @@ class RolloutConfig(Section):
     # Episodes stepped together in one batched env inside a shard. A shard runs its lanes
     # concurrently, so env steps of one lane overlap generation for the others.
     lane_size: int = Field(default=256, ge=1)
+    # A lane keeps its replica (whose prefix cache holds its transcripts) unless that one fails or
+    # falls behind; false sends every request to the least-loaded replica (to measure the cache).
+    lane_affinity: bool = True
     # A shard reports finished episodes once this many are waiting, or every flush_s seconds.
     flush_episodes: int = Field(default=256, ge=1)
     flush_s: float = Field(default=1.0, gt=0)
