@@ -60,3 +60,19 @@ def tiny_config(root: Path, **model_overrides) -> Config:
     )
     model.update(model_overrides)
     return Config.model_validate({"run": {"root": str(root), "name": "tiny", "progress": False}, "model": model})
+
+
+def perturbed_copy(model_dir, out_dir, scale: float = 0.3) -> None:
+    """The same architecture and tokenizer with other weights (each tensor plus seeded noise)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out_dir)
+    weights = load_file(str(out_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    noisy = {k: v + scale * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
+             for k, v in weights.items()}
+    save_file(noisy, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "_stage.json").unlink(missing_ok=True)  # identified by content, not the base's marker

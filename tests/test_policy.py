@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from _llm_helpers import tiny_config, write_tiny_data
+from _llm_helpers import perturbed_copy, tiny_config, write_tiny_data
 from ulrec.config import load_config
 from ulrec.errors import DataError, InputError
 from ulrec.model_init import build_base_model, make_warm_start_examples, read_catalogue_and_histories
@@ -156,11 +156,14 @@ def test_vllm_seeds_greedy_and_agreement_with_hf(vllm_policies, hf_policy, tiny_
 
 
 @pytest.mark.slow
-def test_vllm_async_engine_gives_the_sync_engines_completions(vllm_policies, tiny_run):
+def test_vllm_async_engine_gives_the_sync_engines_completions(vllm_policies, tiny_run, tmp_path):
     """policy.engine=async (AsyncLLM, one request per prompt): the same prompt and seed give the
     same completion as on LLM.generate, whatever the other requests in flight (concurrent calls,
-    other temperatures); answers come back in the call's order."""
+    other temperatures); answers come back in the call's order. Switched in place to another
+    model's weights (``swap_weights_async``), it writes what a fresh engine on that model writes."""
     cfg, _, prompts = tiny_run
+    other = tmp_path / "other"
+    perturbed_copy(resolve_model_dir(cfg), other)
     plain, _ = vllm_policies
     seeds = list(range(len(prompts)))
     sampled, greedy = plain.generate(prompts, seeds=seeds), plain.generate(prompts, seeds=seeds, temperature=0)
@@ -173,17 +176,23 @@ def test_vllm_async_engine_gives_the_sync_engines_completions(vllm_policies, tin
             *(policy.generate_async([p], seeds=[s]) for p, s in reversed(list(zip(prompts, seeds)))),
             policy.generate_async(prompts, seeds=seeds, temperature=0),
         )
-        return together, [a[0] for a in reversed(apart)], mixed
+        cache = policy.prefix_cache()
+        await policy.swap_weights_async(other)
+        return together, [a[0] for a in reversed(apart)], mixed, cache, await policy.generate_async(prompts, seeds=seeds)
 
     try:
-        together, apart, mixed = asyncio.run(calls())
-        cache = policy.prefix_cache()
+        together, apart, mixed, cache, switched = asyncio.run(calls())
     finally:
         policy.close()
     assert policy.engine == "async" and policy.backend == "vllm"
     assert together == sampled == apart
     assert mixed == greedy
     assert 0 < cache["hits"] <= cache["queries"]
+    fresh = make_policy(policy_cfg(max_num_seqs=16), other)
+    try:
+        assert switched == fresh.generate(prompts, seeds=seeds) != sampled
+    finally:
+        fresh.close()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from _llm_helpers import perturbed_copy
 from rollout.driver import collect_episodes, rollout_stage, run_rollout, run_sources
 from rollout.episode import EPISODE_SCHEMA, EXIT_REASONS, STEP_REASONS, EpisodeLabels
 from ulrec.resume import mark_done
@@ -151,22 +152,6 @@ def test_vllm_async_engine_rollout_survives_a_replica_kill_and_equals_the_sync_o
     while engine_cores_since(started) and time.time() < deadline:
         time.sleep(1)
     assert not engine_cores_since(started)
-
-
-def perturbed_copy(model_dir, out_dir, scale: float = 0.3) -> None:
-    """The same architecture and tokenizer with other weights (each tensor plus seeded noise)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(model_dir, out_dir)
-    weights = load_file(str(out_dir / "model.safetensors"))
-    gen = torch.Generator().manual_seed(0)
-    noisy = {k: v + scale * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
-             for k, v in weights.items()}
-    save_file(noisy, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "_stage.json").unlink(missing_ok=True)  # identified by content, not the base's marker
 
 
 @pytest.mark.slow
