@@ -188,9 +188,11 @@ def test_vllm_async_engine_gives_the_sync_engines_completions(vllm_policies, tin
     assert together == sampled == apart
     assert mixed == greedy
     assert 0 < cache["hits"] <= cache["queries"]
-    fresh = make_policy(policy_cfg(max_num_seqs=16), other)
+    # A fresh engine on the other model; async too: closing an in-process (sync) engine would tear
+    # down vLLM's process-wide parallel state under this module's other engines.
+    fresh = make_policy(policy_cfg(max_num_seqs=16), other, engine="async")
     try:
-        assert switched == fresh.generate(prompts, seeds=seeds) != sampled
+        assert switched == asyncio.run(fresh.generate_async(prompts, seeds=seeds)) != sampled
     finally:
         fresh.close()
 
