@@ -142,7 +142,6 @@ def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, coll
         raise DataError(f"{simulator_path(cfg, split)}: no saved simulator (run `ulrec env fit` first)")
     env_config_for(cfg, split, max_steps=max_steps)
     data = load_prepared(cfg.run_dir)
-    plain = billp is None and (collector is None or collector.prompt_style != "react")
     return RolloutSources(
         titles=data.titles,
         histories=data.user_histories(split, max_len=cfg.policy.history_length),
@@ -150,8 +149,14 @@ def run_sources(cfg: Config, *, model_dir: str, split: str, max_steps: int, coll
         grounder_factory=partial(_grounder_factory, cfg.grounding),
         env_factory=partial(_env_factory, cfg, split, max_steps),
         model_dir=str(model_dir),
-        engine_key=engine_key(cfg, data.titles) if plain else None,
+        engine_key=None if wraps_engine(collector, billp is not None) else engine_key(cfg, data.titles),
     )
+
+
+def wraps_engine(collector, billp: bool) -> bool:
+    """Whether the replica's policy wraps its engine (BiLLP, the ReAct collector): such replicas
+    are never kept for another rollout."""
+    return billp or (collector is not None and collector.prompt_style == "react")
 
 
 def engine_key(cfg: Config, titles: list[str]) -> str:

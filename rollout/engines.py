@@ -37,7 +37,6 @@ class EnginePool:
         self.demand: dict[str, float] = {}  # what the kept replicas hold, all together
         # Objects the replicas were created with (the catalogue): Ray needs them to restart one.
         self.pinned: Any = None
-        self.events: list[str] = []  # per rollout: started / kept / switched / replaced: <why>
 
     def replicas_for(self, key: Any, model: ModelRef, demand: Mapping[str, float],
                      start: Callable[[], list], timeout_s: float, pinned: Any = None) -> tuple[list, str]:
@@ -54,14 +53,11 @@ class EnginePool:
                 blockers = [f"a kept replica did not answer ({type(exc).__name__})"]
             blocker = next((b for b in blockers if b), None)
             if blocker is None:
-                how = "kept" if before == model else "switched"
-                self.events.append(how)
-                return self.replicas, how
+                return self.replicas, "kept" if before == model else "switched"
             how = f"replaced: {blocker}"
             log.info("policy replicas replaced, not switched to %s: %s", model.path, blocker)
         self.close()
         self.replicas, self.key, self.demand, self.pinned = start(), key, dict(demand), pinned
-        self.events.append(how)
         return self.replicas, how
 
     def close(self) -> None:

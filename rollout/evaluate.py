@@ -147,16 +147,19 @@ def evaluate_model(
 
 
 def eval_stage(cfg: Config) -> dict[str, Any]:
+    from rollout.driver import wraps_engine
     from rollout.engines import kept_engines
 
     users = select_eval_users(cfg, "test")
     results = {}
     methods = eval_methods(cfg)
-    # Planners wrapping the engine bring replicas of their own: after the methods that share one pool.
-    wrapped = {"billp"} | ({"collector"} if cfg.rollout.collector.prompt_style == "react" else set())
+
+    def wrapped(method: str) -> bool:  # its replicas are its own: after the methods sharing the pool
+        return wraps_engine(cfg.rollout.collector if method == "collector" else None, method == "billp")
+
     with kept_engines(cfg.rollout.keep_engines):  # the plain methods on one pool of replicas
         summaries = {method: evaluate_model(cfg, method, method_model_dir(cfg, method), users)
-                     for method in sorted(methods, key=lambda m: m in wrapped)}
+                     for method in sorted(methods, key=wrapped)}
     for method in methods:
         summary = summaries[method]
         results[method] = {

@@ -108,7 +108,7 @@ class PolicyReplica:
         # batches: engine calls (continuous: act calls); generate_s: seconds the engine was busy.
         self._stats = {"batches": 0, "prompts": 0, "tokens": 0, "generate_s": 0.0, "swaps": 0, "swap_s": 0.0}
         self._in_flight, self._busy_since = 0, 0.0
-        self._swap_lock: asyncio.Lock | None = None
+        self._swap_lock = asyncio.Lock()  # concurrent use_model calls for one model: one switch
 
     def ready(self) -> str:
         return self.policy.backend
@@ -133,9 +133,7 @@ class PolicyReplica:
         why it cannot (the caller then starts a new replica). Call between rollouts."""
         from ulrec.policy.weights import swap_blocker
 
-        if self._swap_lock is None:
-            self._swap_lock = asyncio.Lock()
-        async with self._swap_lock:  # concurrent calls for one model: one switch, then no-ops
+        async with self._swap_lock:
             if model == self.model:
                 return None
             swap = getattr(self.policy, "swap_weights_async" if self.continuous else "swap_weights", None)

@@ -61,14 +61,16 @@ def select_eval_users(cfg: Config, split: str = "test") -> list[int]:
     return draw_users(eval_user_pool(histories), cfg.eval.num_users, cfg.eval.user_seed)
 
 
-def training_users(cfg: Config) -> list[int]:
+def training_users(cfg: Config, pool: Iterable[int] | None = None) -> list[int]:
     """The users the training rollouts play: ``rollout.num_users`` users of ``rollout.split``
-    drawn with ``run.seed``. Later rounds and on-policy rollouts replay exactly these, and
-    validation holds out the rest."""
-    from ulrec.data import load_prepared
+    drawn with ``run.seed`` (from ``pool``, that split's :func:`eval_user_pool`, when the caller
+    has it). Later rounds and on-policy rollouts replay exactly these, and validation holds out the
+    rest."""
+    if pool is None:
+        from ulrec.data import load_prepared
 
-    histories = load_prepared(cfg.run_dir).user_histories(cfg.rollout.split)
-    return draw_users(eval_user_pool(histories), cfg.rollout.num_users, cfg.run.seed)
+        pool = eval_user_pool(load_prepared(cfg.run_dir).user_histories(cfg.rollout.split))
+    return draw_users(pool, cfg.rollout.num_users, cfg.run.seed)
 
 
 def validation_users(cfg: Config, n: int) -> list[int]:
@@ -79,7 +81,7 @@ def validation_users(cfg: Config, n: int) -> list[int]:
     from ulrec.errors import UlrecError
 
     pool = eval_user_pool(load_prepared(cfg.run_dir).user_histories("train"))
-    trained = set(training_users(cfg))
+    trained = set(training_users(cfg, pool))
     held_out = [u for u in pool if u not in trained]
     if not held_out:
         raise UlrecError(f"no validation users: rollout.num_users={cfg.rollout.num_users} uses all "
