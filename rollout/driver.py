@@ -48,7 +48,8 @@ from ulrec.simulator.fit import simulator_fingerprint
 ROLLOUT_STAGE = StageInputs(
     "training rollouts", ("env", "policy", "grounding", "rollout"),
     lambda cfg, model_dir: {"data": prepared_data(cfg.run_dir), "model": Path(model_dir),
-                            "simulator": simulator_fingerprint(cfg, cfg.rollout.split)},
+                            "simulator": simulator_fingerprint(cfg, cfg.rollout.split),
+                            **({"billp": cfg.billp.model_dump()} if cfg.rollout.collector.planner == "billp" else {})},
 )
 
 
@@ -500,7 +501,7 @@ def collector_model_dir(cfg: Config) -> Path:
 
 
 def training_rollout(cfg: Config, model_dir: Path, out_dir: Path, users: list[int], *, split: str = "train",
-                     policy_name: str, collector=None) -> dict[str, Any]:
+                     policy_name: str, collector=None, billp: BiLLPSetup | None = None) -> dict[str, Any]:
     """Training rollouts with the ``rollout`` section's settings (seeds, exploration temperature,
     horizon): the rollout stage's, and each iterative round's."""
     ro = cfg.rollout
@@ -515,7 +516,13 @@ def training_rollout(cfg: Config, model_dir: Path, out_dir: Path, users: list[in
         out_dir=out_dir,
         policy_name=policy_name,
         collector=collector,
+        billp=billp,
     )
+
+
+# Where a planner-collector keeps the memory it was built with, beside the plain rollouts it came
+# from ("_": Parquet readers skip it).
+PLANNER_MEMORY_FILE = "_billp_memory.json"
 
 
 def rollout_stage(cfg: Config) -> dict[str, Any]:
@@ -533,10 +540,21 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
 
     def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         users = training_users(cfg)
-        summary = training_rollout(
-            cfg, model_dir, out_dir, users, split=ro.split,
-            policy_name="collector" if ro.collector.model else model_dir.name, collector=ro.collector,
-        )
+        name = "collector" if ro.collector.model else model_dir.name
+        billp, plain = None, None
+        if ro.collector.planner == "billp":
+            # The planner's memory needs episodes of these users first: the model plays them alone.
+            from rollout.evaluate import build_billp_setup
+
+            plain_dir = cfg.layout.plain_rollouts(ro.split)
+            plain = training_rollout(cfg, model_dir, plain_dir, users, split=ro.split, policy_name=name,
+                                     collector=ro.collector)
+            billp = build_billp_setup(cfg, plain_dir, plain_dir / PLANNER_MEMORY_FILE)
+            name = f"billp+{name}"
+        summary = training_rollout(cfg, model_dir, out_dir, users, split=ro.split, policy_name=name,
+                                   collector=ro.collector, billp=billp)
+        if plain is not None:
+            summary["plain"] = {k: plain[k] for k in ("episodes", "mean_length", "mean_reward", "exit_reasons")}
         # Metrics live beside, not inside, the Parquet directory (readers glob it).
         with stage_logger(cfg, f"rollout-{ro.split}", cfg.layout.logs / f"rollout-{ro.split}") as logger:
             flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}

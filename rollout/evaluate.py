@@ -46,6 +46,8 @@ def eval_methods(cfg: Config) -> list[str]:
     # Paper Fig. 5: the collector's own test Len beside ULRec, whenever one collected the data.
     if cfg.rollout.collector.model and "collector" not in methods:
         methods.insert(0, "collector")
+    elif cfg.rollout.collector.planner == "billp" and "billp" not in methods:
+        methods.insert(0, "billp")  # BiLLP on the base model collected: its row is the collector's
     if cfg.eval.ablations:
         methods += [m for m in ABLATION_METHODS if m not in methods]
     return methods
@@ -63,8 +65,23 @@ EVAL_STAGE = StageInputs(
         "data": prepared_data(cfg.run_dir), "simulator": simulator_fingerprint(cfg, split),
         "protocol": {"temperature": cfg.eval.temperature, "max_steps": cfg.eval.max_steps,
                      "seeds": list(cfg.eval.seeds)},
-        **({"billp": cfg.billp.model_dump(), "rollouts": cfg.layout.rollouts("train")} if billp else {})},
+        **({"billp": cfg.billp.model_dump(), "rollouts": billp_memory_rollouts(cfg)} if billp else {})},
 )
+
+
+def method_players(cfg: Config, method: str):
+    """How ``method`` plays: the collector section it plays with (the Collector row only), and
+    whether the BiLLP planner drives its model (BiLLP, and a collector whose planner is BiLLP)."""
+    collector = cfg.rollout.collector if method == "collector" else None
+    return collector, method == "billp" or (collector is not None and collector.planner == "billp")
+
+
+def billp_memory_rollouts(cfg: Config) -> Path:
+    """The training rollouts BiLLP's memory is built from: the collector model's plain ones (those
+    the planner-collector's memory came from, when ``rollout.collector.planner`` is ``billp``)."""
+    if cfg.rollout.collector.planner == "billp":
+        return cfg.layout.plain_rollouts("train")
+    return cfg.layout.rollouts("train")
 
 BILLP_MEMORY_FILE = "memory.json"
 
@@ -72,6 +89,12 @@ BILLP_MEMORY_FILE = "memory.json"
 def billp_setup(cfg: Config, method_dir: Path):
     """BiLLP's memory from the training rollouts (train simulator: never the test users), saved
     beside its evaluation as ``memory.json``; returns the setup the replicas build the planner from."""
+    return build_billp_setup(cfg, billp_memory_rollouts(cfg), Path(method_dir) / BILLP_MEMORY_FILE)
+
+
+def build_billp_setup(cfg: Config, rollouts: Path, memory_file: Path):
+    """The BiLLP planner's setup with its memory built from the episodes at ``rollouts`` (saved to
+    ``memory_file``)."""
     import pyarrow.parquet as pq
 
     from rollout.driver import BiLLPSetup
@@ -79,14 +102,13 @@ def billp_setup(cfg: Config, method_dir: Path):
     from ulrec.grounding import Grounder
     from ulrec.policy.billp import build_memory, save_memory
 
-    rollouts = cfg.layout.rollouts("train")
     if not rollouts.is_dir():
         raise UlrecError(f"billp: no training rollouts at {rollouts} (run `ulrec rollout` first)")
     episodes = pq.read_table(rollouts).to_pylist()
     grounder = Grounder.from_config(cfg.grounding, load_prepared(cfg.run_dir).titles)
     memory = build_memory(episodes, grounder, cfg.billp.critic_window)
-    method_dir.mkdir(parents=True, exist_ok=True)
-    save_memory(memory, method_dir / BILLP_MEMORY_FILE)
+    memory_file.parent.mkdir(parents=True, exist_ok=True)
+    save_memory(memory, memory_file)
     return BiLLPSetup(memory=memory, billp_cfg=cfg.billp, grounding_cfg=cfg.grounding)
 
 
@@ -104,8 +126,7 @@ def evaluate_model(
         raise UlrecError(f"{method}: no model at {model_dir} (run the stage that produces it first)")
     check_model_dir(model_dir, f"{method} model")
     method_dir = (out_root or cfg.layout.eval) / method
-    collector = cfg.rollout.collector if method == "collector" else None
-    is_billp = method == "billp"
+    collector, is_billp = method_players(cfg, method)
 
     def build(_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         billp = billp_setup(cfg, method_dir) if is_billp else None
@@ -155,7 +176,7 @@ def eval_stage(cfg: Config) -> dict[str, Any]:
     methods = eval_methods(cfg)
 
     def wrapped(method: str) -> bool:  # its replicas are its own: after the methods sharing the pool
-        return wraps_engine(cfg.rollout.collector if method == "collector" else None, method == "billp")
+        return wraps_engine(*method_players(cfg, method))
 
     with kept_engines(cfg.rollout.keep_engines):  # the plain methods on one pool of replicas
         summaries = {method: evaluate_model(cfg, method, method_model_dir(cfg, method), users)

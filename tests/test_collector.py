@@ -117,3 +117,72 @@ def test_collector_model_and_its_evaluation_row(tmp_path):
     assert eval_methods(cfg)[0] == "collector" and method_model_dir(cfg, "collector") == tmp_path / "big"
     # the tuned model stays the base model
     assert method_model_dir(cfg, "base") == tmp_path / "c" / "model" / "base"
+
+
+def test_a_planner_collector_plays_alone_first_and_its_memory_comes_from_that(tmp_path, monkeypatch):
+    """``rollout.collector.planner=billp``: the model plays the training users alone, BiLLP's memory
+    is built from those episodes, then BiLLP on that model plays the same users into the rollouts
+    the rows are made from; BiLLP's evaluation reads the same plain episodes."""
+    import json
+
+    import rollout.driver as driver
+    from rollout.evaluate import billp_memory_rollouts, eval_methods, method_players
+
+    def mark(directory, key):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "_stage.json").write_text(json.dumps({"hash": key}))
+
+    calls, built = [], []
+
+    def fake_rollout(cfg, model_dir, out_dir, users, *, split, policy_name, collector=None, billp=None):
+        calls.append((out_dir, policy_name, billp, list(users)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {"episodes": len(users), "mean_length": 1.5, "mean_reward": 2.0,
+                "exit_reasons": {"similar": 1.0}, "grounding": {}}
+
+    class Prepared:
+        def user_histories(self, split):
+            return {u: [1, 2, 3, 4, 5] for u in range(40)}
+
+    model = tmp_path / "base"
+    mark(model, "base-model")
+    monkeypatch.setattr(driver, "training_rollout", fake_rollout)
+    monkeypatch.setattr(driver, "collector_model_dir", lambda cfg: model)
+    monkeypatch.setattr(driver, "check_model_dir", lambda *a, **k: None)
+    monkeypatch.setattr("ulrec.data.load_prepared", lambda run_dir: Prepared())
+    monkeypatch.setattr("rollout.evaluate.build_billp_setup",
+                        lambda cfg, rollouts, memory_file: built.append((rollouts, memory_file)) or "planner setup")
+    args = [f"run.root={tmp_path}", "run.name=c", "wandb.enabled=false", "rollout.num_users=10",
+            "eval.methods=[base,ulrec]"]
+    cfg = load_config(None, args + ["rollout.collector.planner=billp"])
+    mark(cfg.run_dir / "data", "data")
+    mark(cfg.run_dir / "simulators", "simulators")
+    (cfg.run_dir / "simulators" / "train").mkdir()
+    (cfg.run_dir / "simulators" / "train" / "meta.json").write_text("{}")
+
+    summary = driver.rollout_stage(cfg)
+    plain, planned = calls
+    assert plain[:3] == (cfg.layout.plain_rollouts("train"), "base", None)
+    assert planned[:3] == (cfg.layout.rollouts("train"), "billp+base", "planner setup")
+    assert plain[3] == planned[3] and len(plain[3]) == 10  # the same users, twice
+    assert built == [(cfg.layout.plain_rollouts("train"), cfg.layout.plain_rollouts("train") / "_billp_memory.json")]
+    assert summary["plain"]["mean_length"] == 1.5
+    assert billp_memory_rollouts(cfg) == cfg.layout.plain_rollouts("train")
+    # The planner is the collector: BiLLP's row shows it, and it wraps the engine.
+    assert eval_methods(cfg)[0] == "billp" and method_players(cfg, "billp") == (None, True)
+    # The planner's settings are inputs of the rollout stage only when it collects.
+    assert driver.rollout_stage(cfg)["skipped"] is True
+    assert "skipped" not in driver.rollout_stage(load_config(None, args + ["rollout.collector.planner=billp",
+                                                                           "billp.candidates=2"]))
+    plain_cfg = load_config(None, args)
+    assert billp_memory_rollouts(plain_cfg) == plain_cfg.layout.rollouts("train")
+    assert eval_methods(plain_cfg) == ["base", "ulrec"] and method_players(plain_cfg, "billp") == (None, True)
+    calls.clear()
+    driver.rollout_stage(plain_cfg)
+    assert [c[:3] for c in calls] == [(plain_cfg.layout.rollouts("train"), "base", None)]
+    assert driver.rollout_stage(load_config(None, args + ["billp.candidates=2"]))["skipped"] is True
+
+
+def test_planner_and_react_collectors_do_not_mix():
+    with pytest.raises(Exception, match="choose one"):
+        load_config(None, ["rollout.collector.planner=billp", "rollout.collector.prompt_style=react"])

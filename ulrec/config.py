@@ -291,6 +291,17 @@ class CollectorConfig(Section):
     model: str | None = None
     prompt_style: Literal["action_only", "react"] = "action_only"
     max_thought_tokens: int = Field(default=64, ge=1)
+    # "billp": the BiLLP planner (``billp`` section) on the collector model plays the training users,
+    # a stronger player than the model alone (the paper's collector is stronger than the tuned
+    # model). Its memory comes from a plain rollout of the same model on the same users first
+    # (``rollouts/<split>-plain``), which BiLLP's evaluation reads too; the rows stay action-only.
+    planner: Literal["none", "billp"] = "none"
+
+    @model_validator(mode="after")
+    def _one_wrapper(self) -> "CollectorConfig":
+        if self.planner == "billp" and self.prompt_style == "react":
+            raise ValueError("planner=billp and prompt_style=react: choose one (both wrap the engine)")
+        return self
 
 
 class RolloutConfig(Section):

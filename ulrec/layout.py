@@ -70,6 +70,10 @@ class RunLayout:
     def rollouts(self, split: str = "train", round_: int = 1) -> Path:
         return self.root / "rollouts" / (split if round_ == 1 else f"{split}_round{round_}")
 
+    def plain_rollouts(self, split: str = "train") -> Path:
+        """The collector model's own rollouts when a planner collects (``rollout.collector.planner``)."""
+        return self.root / "rollouts" / f"{split}-plain"
+
     def rows(self, round_: int = 1) -> Path:
         return self.root / ("rows" if round_ == 1 else f"rows_round{round_}")
 

@@ -272,9 +272,15 @@ def budget_section(cfg: Config, results: dict[str, Any], run_dir: Path) -> list[
 
     md.append(f"- base model: {model}; prompt {cfg.policy.template_file or 'default template'}, "
               f"{cfg.policy.history_length} history titles, chat template {cfg.policy.chat_template}")
+    collector = cfg.rollout.collector
+    who = collector.model or "the base model"
+    if collector.planner == "billp":
+        who = f"the BiLLP planner on {who} (its memory from that model's own rollouts of the same users)"
+    elif collector.prompt_style == "react":
+        who = f"{who}, ReAct prompt (thoughts stripped from the rows)"
     md.append(
         f"- rollouts: {cfg.rollout.num_users} training users × seeds {list(cfg.rollout.seeds)}, temperature "
-        f"{cfg.rollout.temperature}, horizon {cfg.rollout.max_steps}"
+        f"{cfg.rollout.temperature}, horizon {cfg.rollout.max_steps}; collected by {who}"
     )
     md.append(
         f"- SFT: {cfg.sft.epochs:g} epoch(s), lr {cfg.sft.learning_rate:g}, batch "
