@@ -107,6 +107,18 @@ def _steps_frame(episodes: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def item_diversity(steps: pd.DataFrame) -> dict[str, Any]:
+    """How spread the recommended items are over all steps (the echo chamber's symptom): distinct
+    catalogue items, the entropy of their distribution (nats), and the 10 most frequent's share."""
+    items = pd.to_numeric(steps["item_id"], errors="coerce").dropna() if "item_id" in steps else pd.Series([])
+    items = items[items >= 0]  # a format error received no item
+    if items.empty:
+        return {"distinct": 0, "entropy": math.nan, "top10_share": math.nan}
+    p = items.value_counts().to_numpy(dtype=float)  # most frequent first
+    p /= p.sum()
+    return {"distinct": int(len(p)), "entropy": float(-(p * np.log(p)).sum()), "top10_share": float(p[:10].sum())}
+
+
 def summarize_episodes(episodes: pd.DataFrame) -> dict[str, Any]:
     """Len and Traj Reward (Eq. 4–5) per seed, then mean ± std over seeds; exit and grounding shares.
 
@@ -147,6 +159,7 @@ def summarize_episodes(episodes: pd.DataFrame) -> dict[str, Any]:
         "users": int(episodes["user_id"].nunique()),
         "exit_shares": exit_shares,
         "grounding": grounding,
+        "items": item_diversity(steps),
     }
 
 

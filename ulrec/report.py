@@ -46,6 +46,9 @@ def collect_results(run_dir: Path) -> dict[str, dict[str, Any]]:
     for method_dir in sorted(p for p in eval_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if (method_dir / SUMMARY_FILE).is_file():
             results[method_dir.name] = read_json(method_dir / SUMMARY_FILE)
+            if "items" not in results[method_dir.name] and (path := _episodes_path(method_dir)) is not None:
+                # summaries written before item diversity was measured: the episodes have it
+                results[method_dir.name]["items"] = summarize_episodes(read_episodes(path))["items"]
         elif (path := _episodes_path(method_dir)) is not None:
             summary = summarize_episodes(read_episodes(path))
             summary.update(method=method_dir.name, label=_label(method_dir.name))
@@ -89,8 +92,9 @@ def table_ablation(results: dict[str, dict[str, Any]]) -> str:
 
 def table_exits(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| Method | " + " | ".join(EXIT_REASONS) + " | exact titles | substituted | format errors |",
-        "|---|" + "---|" * (len(EXIT_REASONS) + 3),
+        "| Method | " + " | ".join(EXIT_REASONS) + " | exact titles | substituted | format errors "
+        "| distinct items | item entropy | top-10 items' share |",
+        "|---|" + "---|" * (len(EXIT_REASONS) + 6),
     ]
     for m, r in results.items():
         shares = " | ".join(f"{100 * r['exit_shares'].get(k, 0.0):.0f}%" for k in EXIT_REASONS)
@@ -99,9 +103,12 @@ def table_exits(results: dict[str, dict[str, Any]]) -> str:
         def pct(v: Any) -> str:
             return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.0f}%"
 
+        items = r.get("items") or {}
+        entropy = items.get("entropy")
         lines.append(
             f"| {_label(m)} | {shares} | {pct(g.get('exact'))} | {pct(g.get('substituted'))} | "
-            f"{pct(g.get('format_error'))} |"
+            f"{pct(g.get('format_error'))} | {items.get('distinct', '–')} | "
+            f"{'–' if entropy is None or np.isnan(entropy) else f'{entropy:.2f}'} | {pct(items.get('top10_share'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -391,7 +398,10 @@ def build_report(cfg: Config) -> dict[str, Any]:
     md += ["", "## Main results (paper Table 1)", "", table_main(results)]
     if any(m in results for m in ("wo-sft", "wo-kto")):
         md += ["## Ablations (paper Table 2)", "", table_ablation(results)]
-    md += ["## Exit reasons and grounding", "", table_exits(results)]
+    md += ["## Exit reasons and grounding", "",
+           "Items: over every step of a method's episodes, how many distinct catalogue items it "
+           "recommended, the entropy (nats) of their distribution, and the 10 most frequent's share.", "",
+           table_exits(results)]
     if rows_stats:
         md += ["## Training data from the training rollouts", ""]
         md += [f"- {k}: {v}" for k, v in sorted(rows_stats.items()) if not isinstance(v, (dict, list))]
