@@ -210,6 +210,10 @@ class Ingress:
 
 def _policy_options(cfg: Config) -> dict:
     s = cfg.serve
+    tp = cfg.policy.tensor_parallel_size
+    if tp > 1 and s.replica_num_gpus != tp:
+        raise InputError(f"policy.tensor_parallel_size={tp}: serve.replica_num_gpus must be {tp} (one engine spans "
+                          f"its replica's GPUs), got {s.replica_num_gpus:g}")
     options: dict = {
         "max_ongoing_requests": s.max_ongoing_requests,
         "ray_actor_options": {

@@ -252,6 +252,10 @@ class PolicyConfig(Section):
     # Eager mode (no CUDA graphs / torch.compile): None = on for CPU engines, where graphs do not
     # apply, off on GPU, where capturing them speeds up decoding of short completions.
     enforce_eager: bool | None = None
+    # GPUs one vLLM engine spans (tensor parallelism, for models that do not fit on one GPU). > 1:
+    # each rollout replica (and serve replica) must hold that many GPUs, and the engine runs one
+    # worker process per GPU on them (vLLM's "mp" executor, inside the replica's actor).
+    tensor_parallel_size: int = Field(default=1, ge=1)
     max_num_seqs: int = Field(default=256, ge=1)
     hf_batch_size: int = Field(default=64, ge=1)
     # A user-supplied prompt template file (see ulrec/prompts.py for the fields it may use).
@@ -688,6 +692,18 @@ class Config(Section):
     billp: BiLLPConfig = Field(default_factory=BiLLPConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _replicas_hold_their_engine(self) -> "Config":
+        tp = self.policy.tensor_parallel_size
+        for key, gpus in (("rollout.replica_num_gpus", self.rollout.replica_num_gpus),
+                          ("serve.replica_num_gpus", self.serve.replica_num_gpus)):
+            if tp > 1 and gpus not in (0, tp):
+                raise ValueError(f"policy.tensor_parallel_size={tp}: {key} must be {tp} (one engine spans "
+                                 f"its replica's GPUs), got {gpus:g}")
+        if tp > 1 and self.rollout.replica_num_gpus == 0:
+            raise ValueError(f"policy.tensor_parallel_size={tp} needs GPU replicas: set rollout.replica_num_gpus={tp}")
+        return self
 
     @property
     def run_dir(self) -> Path:

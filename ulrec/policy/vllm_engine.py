@@ -42,6 +42,10 @@ def _engine_kwargs(policy_cfg, model_dir: str | Path) -> dict:
 
     on_gpu = torch.cuda.is_available()
     kwargs = {} if on_gpu else {"kv_cache_memory_bytes": policy_cfg.cpu_kvcache_gib * GIB}
+    if policy_cfg.tensor_parallel_size > 1:
+        # One worker process per GPU of this replica (Ray gave the actor exactly these GPUs); not
+        # the "ray" executor, which would place workers outside the replica's own resources.
+        kwargs["distributed_executor_backend"] = "mp"
     return dict(
         model=str(model_dir),
         dtype=policy_cfg.dtype,
@@ -52,6 +56,7 @@ def _engine_kwargs(policy_cfg, model_dir: str | Path) -> dict:
         # whole-prompt prefills avoid it and cost nothing for our short prompts.
         enable_chunked_prefill=False,
         max_num_seqs=policy_cfg.max_num_seqs,
+        tensor_parallel_size=policy_cfg.tensor_parallel_size,
         seed=policy_cfg.seed,
         gpu_memory_utilization=policy_cfg.gpu_memory_utilization,
         # collective_rpc("swap_weights") on every worker: engines that live across stages.
