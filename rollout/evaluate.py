@@ -83,6 +83,7 @@ def billp_memory_rollouts(cfg: Config) -> Path:
         return cfg.layout.plain_rollouts("train")
     return cfg.layout.rollouts("train")
 
+
 BILLP_MEMORY_FILE = "memory.json"
 
 

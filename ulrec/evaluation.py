@@ -110,7 +110,7 @@ def _steps_frame(episodes: pd.DataFrame) -> pd.DataFrame:
 def item_diversity(steps: pd.DataFrame) -> dict[str, Any]:
     """How spread the recommended items are over all steps (the echo chamber's symptom): distinct
     catalogue items, the entropy of their distribution (nats), and the 10 most frequent's share."""
-    items = pd.to_numeric(steps["item_id"], errors="coerce").dropna() if "item_id" in steps else pd.Series([])
+    items = pd.to_numeric(steps["item_id"], errors="coerce").dropna() if "item_id" in steps else pd.Series([], dtype=float)
     items = items[items >= 0]  # a format error received no item
     if items.empty:
         return {"distinct": 0, "entropy": math.nan, "top10_share": math.nan}
