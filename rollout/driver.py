@@ -94,6 +94,23 @@ class BiLLPSetup:
     grounding_cfg: Any
 
 
+def build_billp_setup(cfg: Config, rollouts: Path, memory_file: Path):
+    """The BiLLP planner's setup with its memory built from the episodes at ``rollouts`` (saved to
+    ``memory_file``)."""
+    from ulrec.data import load_prepared
+    from ulrec.grounding import Grounder
+    from ulrec.policy.billp import build_memory, save_memory
+
+    if not rollouts.is_dir():
+        raise UlrecError(f"billp: no training rollouts at {rollouts} (run `ulrec rollout` first)")
+    episodes = pq.read_table(rollouts).to_pylist()
+    grounder = Grounder.from_config(cfg.grounding, load_prepared(cfg.run_dir).titles)
+    memory = build_memory(episodes, grounder, cfg.billp.critic_window)
+    memory_file.parent.mkdir(parents=True, exist_ok=True)
+    save_memory(memory, memory_file)
+    return BiLLPSetup(memory=memory, billp_cfg=cfg.billp, grounding_cfg=cfg.grounding)
+
+
 def _policy_factory(policy_cfg, model_dir: str, titles: list[str], collector=None,
                     billp: BiLLPSetup | None = None) -> Policy:
     """The policy engine; a ReAct collector (``rollout.collector.prompt_style: react``) or the
@@ -544,8 +561,6 @@ def rollout_stage(cfg: Config) -> dict[str, Any]:
         billp, plain = None, None
         if ro.collector.planner == "billp":
             # The planner's memory needs episodes of these users first: the model plays them alone.
-            from rollout.evaluate import build_billp_setup
-
             plain_dir = cfg.layout.plain_rollouts(ro.split)
             plain = training_rollout(cfg, model_dir, plain_dir, users, split=ro.split, policy_name=name,
                                      collector=ro.collector)

@@ -90,27 +90,10 @@ BILLP_MEMORY_FILE = "memory.json"
 def billp_setup(cfg: Config, method_dir: Path):
     """BiLLP's memory from the training rollouts (train simulator: never the test users), saved
     beside its evaluation as ``memory.json``; returns the setup the replicas build the planner from."""
+    from rollout.driver import build_billp_setup
+
     return build_billp_setup(cfg, billp_memory_rollouts(cfg), Path(method_dir) / BILLP_MEMORY_FILE)
 
-
-def build_billp_setup(cfg: Config, rollouts: Path, memory_file: Path):
-    """The BiLLP planner's setup with its memory built from the episodes at ``rollouts`` (saved to
-    ``memory_file``)."""
-    import pyarrow.parquet as pq
-
-    from rollout.driver import BiLLPSetup
-    from ulrec.data import load_prepared
-    from ulrec.grounding import Grounder
-    from ulrec.policy.billp import build_memory, save_memory
-
-    if not rollouts.is_dir():
-        raise UlrecError(f"billp: no training rollouts at {rollouts} (run `ulrec rollout` first)")
-    episodes = pq.read_table(rollouts).to_pylist()
-    grounder = Grounder.from_config(cfg.grounding, load_prepared(cfg.run_dir).titles)
-    memory = build_memory(episodes, grounder, cfg.billp.critic_window)
-    memory_file.parent.mkdir(parents=True, exist_ok=True)
-    save_memory(memory, memory_file)
-    return BiLLPSetup(memory=memory, billp_cfg=cfg.billp, grounding_cfg=cfg.grounding)
 
 
 def evaluate_model(

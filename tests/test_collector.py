@@ -150,7 +150,7 @@ def test_a_planner_collector_plays_alone_first_and_its_memory_comes_from_that(tm
     monkeypatch.setattr(driver, "collector_model_dir", lambda cfg: model)
     monkeypatch.setattr(driver, "check_model_dir", lambda *a, **k: None)
     monkeypatch.setattr("ulrec.data.load_prepared", lambda run_dir: Prepared())
-    monkeypatch.setattr("rollout.evaluate.build_billp_setup",
+    monkeypatch.setattr("rollout.driver.build_billp_setup",
                         lambda cfg, rollouts, memory_file: built.append((rollouts, memory_file)) or "planner setup")
     args = [f"run.root={tmp_path}", "run.name=c", "wandb.enabled=false", "rollout.num_users=10",
             "eval.methods=[base,ulrec]"]
