@@ -13,7 +13,13 @@ For each engine mode in ``--engines`` (``policy.engine``; default: the config's)
    settings, as fast as that engine serves them: the sync engine in ``rollout.max_batch_size``
    batches, the async one (AsyncLLM) with every request in flight at once. Takes tokens / seconds
    (the physical limit of that engine on this machine for those requests).
-3. Prints ratio = rollout / raw per engine (target >= 0.9), the ratios across engines measured in
+3. Re-generates them once more on another fresh such actor in *step waves*: every user's step-k request in one
+   call (sync: in ``rollout.max_batch_size`` batches; async: all in flight), the waves in step
+   order. This limit keeps the one dependency a rollout cannot avoid (a user's step k+1 prompt
+   needs its step-k answer) and nothing else (no grounding, env steps or actor messages), so
+   rollout / waves measures the rollout's own overhead and waves / raw what the dependency chain
+   costs (fewer users are live each step, so later batches are small).
+4. Prints ratio = rollout / raw per engine (target >= 0.9), the ratios across engines measured in
    the same run, vLLM's prefix-cache hit rate where the engine reports it (the async engine), the
    grounding rates, the peak resident memory of the whole process tree (driver, Ray daemons and
    actors) and CPU seconds per process role and phase, including what other processes on the
@@ -151,14 +157,20 @@ class RawEngine:
         return True
 
     async def generate(self, prompts: list[str], seeds: list[int], temperature: float, batch_size: int) -> dict:
+        return await self.generate_waves([(prompts, seeds)], temperature, batch_size)
+
+    async def generate_waves(self, waves: list[tuple[list[str], list[int]]], temperature: float, batch_size: int) -> dict:
+        """Each wave's requests as fast as the engine serves them, the waves one after another."""
         before = prefix_cache_of(self.policy)
         started = time.perf_counter()
-        if isinstance(self.policy, AsyncPolicy):
-            results = await self.policy.generate_async(prompts, seeds, temperature)
-            tokens = sum(r.num_tokens for r in results)
-        else:
-            loop = asyncio.get_running_loop()
-            tokens = await loop.run_in_executor(self.pool, self._batches, prompts, seeds, temperature, batch_size)
+        tokens = 0
+        for prompts, seeds in waves:
+            if isinstance(self.policy, AsyncPolicy):
+                results = await self.policy.generate_async(prompts, seeds, temperature)
+                tokens += sum(r.num_tokens for r in results)
+            else:
+                loop = asyncio.get_running_loop()
+                tokens += await loop.run_in_executor(self.pool, self._batches, prompts, seeds, temperature, batch_size)
         seconds = time.perf_counter() - started
         after = prefix_cache_of(self.policy)
         cache = None if after is None else {k: after[k] - before[k] for k in after}
@@ -201,15 +213,25 @@ def build_synthetic(cfg: Config) -> None:
             MatrixUserModel(rewards=rewards.astype(np.float32), item_vectors=vectors).save(path)
 
 
-def rollout_prompts(out_dir: Path) -> tuple[list[str], list[int]]:
-    """Every prompt the rollout sent with its sampling seed, in (step, user, seed) order."""
+def rollout_requests(out_dir: Path) -> list[tuple[int, str, int]]:
+    """Every request the rollout sent as (step, prompt, sampling seed), in (step, user, seed) order."""
     table = pq.read_table(out_dir, columns=["user_id", "seed", "steps"])
     requests = []
     for user, seed, steps in zip(*(table.column(c).to_pylist() for c in ("user_id", "seed", "steps"))):
         for step in steps:
             requests.append((step["step"], user, seed, step["prompt"]))
     requests.sort(key=lambda r: r[:3])
-    return [r[3] for r in requests], [generation_seed(r[2], r[1], r[0]) for r in requests]
+    return [(r[0], r[3], generation_seed(r[2], r[1], r[0])) for r in requests]
+
+
+def step_waves(requests: list[tuple[int, str, int]]) -> list[tuple[list[str], list[int]]]:
+    """The requests grouped by step, in step order: (prompts, seeds) per step."""
+    waves: dict[int, tuple[list[str], list[int]]] = {}
+    for step, prompt, seed in requests:
+        prompts, seeds = waves.setdefault(step, ([], []))
+        prompts.append(prompt)
+        seeds.append(seed)
+    return [waves[k] for k in sorted(waves)]
 
 
 def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, monitor: ProcessMonitor) -> dict:
@@ -217,7 +239,7 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
     ro = cfg.rollout
     engine_mode = cfg.policy.engine
     model_dir = resolve_model_dir(cfg)
-    rollouts, raws, requests_digest = [], [], None
+    rollouts, raws, waves, requests_digest = [], [], [], None
     for _ in range(args.repeats):
         monitor.enter_phase(f"{engine_mode}:startup")
         summary = run_rollout(
@@ -225,7 +247,8 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
             temperature=ro.temperature, max_steps=max_steps, out_dir=out_dir, policy_name="benchmark",
         )
         rollouts.append(summary)
-        prompts, seeds = rollout_prompts(out_dir)
+        requests = rollout_requests(out_dir)
+        prompts, seeds = [r[1] for r in requests], [r[2] for r in requests]
         requests_digest = hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
         if args.no_raw:
             continue
@@ -240,6 +263,16 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
         monitor.enter_phase(f"{engine_mode}:raw")
         raws.append(ray.get(engine.generate.remote(prompts, seeds, ro.temperature, ro.max_batch_size)))
         ray.kill(engine)
+        # The waves on a fresh engine too: on the raw pass's warm prefix cache they would hit more
+        # often than the rollout could.
+        monitor.enter_phase(f"{engine_mode}:startup")
+        engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
+            sources.policy_factory, sources.titles
+        )
+        ray.get(engine.ready.remote())
+        monitor.enter_phase(f"{engine_mode}:waves")
+        waves.append(ray.get(engine.generate_waves.remote(step_waves(requests), ro.temperature, ro.max_batch_size)))
+        ray.kill(engine)
         monitor.enter_phase("between")
     caches = [s["prefix_cache"] for r in rollouts for s in r["replica_stats"] if s and "prefix_cache" in s]
     rollout_cache = {k: sum(c[k] for c in caches) for k in ("queries", "hits")} if caches else None
@@ -252,6 +285,7 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
             {k: r[k] for k in ("generated_tokens", "wall_s", "tokens_per_s", "startup_s")} for r in rollouts
         ],
         "raws": [{**r, "tokens_per_s": r["tokens"] / r["seconds"]} for r in raws],
+        "step_waves": [{**w, "tokens_per_s": w["tokens"] / w["seconds"]} for w in waves],
         "rollout_tokens_per_s": sum(r["generated_tokens"] for r in rollouts) / sum(r["wall_s"] for r in rollouts),
         "prefix_cache_hit_rate": {"rollout": hit_rate(rollout_cache), "raw": hit_rate(raw_cache)},
     }
@@ -262,6 +296,9 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
             ratio=result["rollout_tokens_per_s"] / raw_rate,
             ratios_per_repeat=[r["tokens_per_s"] / w["tokens_per_s"] for r, w in zip(result["rollouts"], result["raws"])],
         )
+        wave_rate = sum(w["tokens"] for w in waves) / sum(w["seconds"] for w in waves)
+        result.update(step_waves_tokens_per_s=wave_rate, ratio_to_step_waves=result["rollout_tokens_per_s"] / wave_rate,
+                      step_waves_to_raw=wave_rate / raw_rate)
     return result
 
 
@@ -335,6 +372,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"ratio {m['ratio']:.3f} (target >= 0.9); per repeat "
                 + ", ".join(f"{r:.3f}" for r in m["ratios_per_repeat"])
             )
+        if "ratio_to_step_waves" in m:
+            line += (f"; step waves {m['step_waves_tokens_per_s']:.0f} tok/s: rollout / waves "
+                     f"{m['ratio_to_step_waves']:.3f}, waves / raw {m['step_waves_to_raw']:.3f}")
         rates = m["prefix_cache_hit_rate"]
         if rates["rollout"] is not None:
             line += f"; prefix-cache hit rate rollout {rates['rollout']:.3f}"

@@ -45,7 +45,7 @@ from serve.recommender import (
     ThreadedGrounding,
 )
 from ulrec.checks import check_model_dir
-from ulrec.config import Config
+from ulrec.config import Config, tensor_parallel_mismatch
 from ulrec.console import say
 from ulrec.errors import InputError
 from ulrec.grounding import GroundResult
@@ -210,10 +210,9 @@ class Ingress:
 
 def _policy_options(cfg: Config) -> dict:
     s = cfg.serve
-    tp = cfg.policy.tensor_parallel_size
-    if tp > 1 and s.replica_num_gpus != tp:
-        raise InputError(f"policy.tensor_parallel_size={tp}: serve.replica_num_gpus must be {tp} (one engine spans "
-                          f"its replica's GPUs), got {s.replica_num_gpus:g}")
+    if problem := tensor_parallel_mismatch(cfg.policy.tensor_parallel_size, "serve.replica_num_gpus",
+                                           s.replica_num_gpus):
+        raise InputError(problem)
     options: dict = {
         "max_ongoing_requests": s.max_ongoing_requests,
         "ray_actor_options": {

@@ -229,6 +229,15 @@ class ModelInitConfig(Section):
         return self
 
 
+def tensor_parallel_mismatch(tp: int, key: str, gpus: float) -> str | None:
+    """Why a replica with ``gpus`` GPUs (config key ``key``) cannot hold an engine of tensor
+    parallel size ``tp``, or None when it can (tp 1 runs on any replica)."""
+    if tp > 1 and gpus != tp:
+        return (f"policy.tensor_parallel_size={tp}: {key} must be {tp} (one engine spans its "
+                f"replica's GPUs), got {gpus:g}")
+    return None
+
+
 class PolicyConfig(Section):
     backend: Literal["auto", "vllm", "hf"] = "auto"
     # How rollout replicas drive a vLLM engine: "sync" = batches of one temperature through
@@ -698,9 +707,9 @@ class Config(Section):
         tp = self.policy.tensor_parallel_size
         for key, gpus in (("rollout.replica_num_gpus", self.rollout.replica_num_gpus),
                           ("serve.replica_num_gpus", self.serve.replica_num_gpus)):
-            if tp > 1 and gpus not in (0, tp):
-                raise ValueError(f"policy.tensor_parallel_size={tp}: {key} must be {tp} (one engine spans "
-                                 f"its replica's GPUs), got {gpus:g}")
+            # 0 is allowed here (serving may never be used); serving itself refuses it.
+            if gpus != 0 and (problem := tensor_parallel_mismatch(tp, key, gpus)):
+                raise ValueError(problem)
         if tp > 1 and self.rollout.replica_num_gpus == 0:
             raise ValueError(f"policy.tensor_parallel_size={tp} needs GPU replicas: set rollout.replica_num_gpus={tp}")
         return self

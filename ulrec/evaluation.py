@@ -119,6 +119,11 @@ def item_diversity(steps: pd.DataFrame) -> dict[str, Any]:
     return {"distinct": int(len(p)), "entropy": float(-(p * np.log(p)).sum()), "top10_share": float(p[:10].sum())}
 
 
+def episode_item_diversity(episodes: pd.DataFrame) -> dict[str, Any]:
+    """``item_diversity`` over every step of ``episodes`` (one row per episode, with ``steps``)."""
+    return item_diversity(_steps_frame(episodes))
+
+
 def summarize_episodes(episodes: pd.DataFrame) -> dict[str, Any]:
     """Len and Traj Reward (Eq. 4–5) per seed, then mean ± std over seeds; exit and grounding shares.
 

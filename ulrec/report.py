@@ -16,7 +16,7 @@ import pandas as pd
 
 from ulrec.config import Config
 from ulrec.errors import UlrecError
-from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, read_episodes, summarize_episodes
+from ulrec.evaluation import EXIT_REASONS, METHOD_LABELS, episode_item_diversity, read_episodes, summarize_episodes
 from ulrec.layout import EPISODES_DIR, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, SUMMARY_FILE, RunLayout
 from ulrec.io import STAGE_FILE, atomic_path, read_json, write_json, write_text
 from ulrec.tracking import read_metrics
@@ -48,7 +48,7 @@ def collect_results(run_dir: Path) -> dict[str, dict[str, Any]]:
             results[method_dir.name] = read_json(method_dir / SUMMARY_FILE)
             if "items" not in results[method_dir.name] and (path := _episodes_path(method_dir)) is not None:
                 # summaries written before item diversity was measured: the episodes have it
-                results[method_dir.name]["items"] = summarize_episodes(read_episodes(path))["items"]
+                results[method_dir.name]["items"] = episode_item_diversity(read_episodes(path))
         elif (path := _episodes_path(method_dir)) is not None:
             summary = summarize_episodes(read_episodes(path))
             summary.update(method=method_dir.name, label=_label(method_dir.name))
