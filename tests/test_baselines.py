@@ -42,6 +42,7 @@ from train.baselines.logged import (
     BehaviourPolicy,
     collect_episodes,
     episode_stats,
+    logged_episode_id,
     pack_episode,
     unpack_episode,
 )
@@ -175,6 +176,34 @@ def test_behaviour_episodes_follow_the_env_and_roundtrip_rllib_format():
     stats = episode_stats(episodes)
     assert stats["len_mean"] == pytest.approx(lengths.mean())
     assert stats["reward_mean"] == pytest.approx(env.total_rewards.mean(), rel=1e-5)
+    # Fixed ids (the pre-learner orders by them), kept through the Parquet format.
+    assert [e.id_ for e in episodes] == [logged_episode_id(k) for k in range(len(episodes))]
+    assert again.id_ == episodes[0].id_
+
+
+def test_prelearner_buffer_adds_an_unordered_batch_in_id_order():
+    """RLlib's OfflinePreLearner passes a set of episodes (identity-hashed: its order follows memory
+    addresses); the buffer must hold them in the same order however the set iterates."""
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from train.baselines.seeding import SeededPrelearnerBuffer
+
+    def episodes():
+        return [SingleAgentEpisode(id_=logged_episode_id(k), observations=[0, 1], actions=[k], rewards=[1.0],
+                                   terminated=True, len_lookback_buffer=0) for k in range(12)]
+
+    orders = []
+    for permutation in (range(12), reversed(range(12)), [5, 0, 11, 3, 7, 1, 9, 2, 10, 4, 8, 6]):
+        made = episodes()
+        buffer = SeededPrelearnerBuffer(capacity=1000, seed=0)
+        buffer.add({made[k] for k in permutation})
+        orders.append([e.id_ for e in buffer.episodes])
+        assert [int(e.get_actions()[0]) for e in buffer.episodes] == list(range(12))
+    assert orders[0] == orders[1] == orders[2]
+    # An ordered batch keeps its order (DQN's replay buffer and any caller passing a list).
+    listed = SeededPrelearnerBuffer(capacity=1000, seed=0)
+    listed.add(list(reversed(episodes())))
+    assert [e.id_ for e in listed.episodes] == [logged_episode_id(k) for k in reversed(range(12))]
 
 
 def test_behaviour_policy_without_exploration_draws_only_popular_items():

@@ -14,7 +14,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 
 from ulrec.config import BaselinesConfig
 
-from train.baselines.seeding import SEEDED_BUFFER_PATH, SeededEpisodeReplayBuffer
+from train.baselines.seeding import SEEDED_BUFFER_PATH, SeededPrelearnerBuffer
 from train.baselines.a2c import A2CConfig
 from train.baselines.dqn import RecDQNConfig
 from train.baselines.env import registered_env_name
@@ -158,8 +158,9 @@ def build_config(
             # One OfflinePreLearner actor with a fractional CPU: RLlib's default (2 actors × 1 CPU)
             # leaves no CPU for the Parquet read tasks on a 2-CPU Ray instance and deadlocks.
             map_batches_kwargs={"concurrency": 1, "num_cpus": 0.5},
-            # RLlib's default pre-learner buffer is unseeded (train/baselines/seeding.py).
-            prelearner_buffer_class=SeededEpisodeReplayBuffer,
+            # RLlib's default pre-learner buffer is unseeded and takes episodes in set order
+            # (train/baselines/seeding.py).
+            prelearner_buffer_class=SeededPrelearnerBuffer,
             prelearner_buffer_kwargs={"seed": seed},
         )
         .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0)

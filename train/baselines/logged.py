@@ -57,6 +57,11 @@ def popularity_from_model(user_model: UserModel, n_users: int = 256, seed: int =
     return mean - mean.min() + 1e-3
 
 
+def logged_episode_id(index: int) -> str:
+    """The id of the ``index``-th logged episode (its row in the Parquet file)."""
+    return f"logged-{index:08d}"
+
+
 class BehaviourPolicy:
     """ε-mixture of uniform random items and the user's own logged sequence, never repeating an
     item within an episode.
@@ -168,6 +173,9 @@ def collect_episodes(
         info = {"user_id": int(users[row])}
         episodes.append(
             SingleAgentEpisode(
+                # A fixed id, not RLlib's random uuid4: the pre-learner orders episodes by id
+                # (train/baselines/seeding.py), so two runs must name them alike.
+                id_=logged_episode_id(row),
                 observations=observations[row],
                 actions=actions[row],
                 rewards=step_rewards[row],

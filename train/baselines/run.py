@@ -106,14 +106,18 @@ LOGGED_STAGE = StageInputs(
     "baselines logged data", ("env",),
     lambda cfg: {"simulators": cfg.layout.simulators, "data": cfg.layout.data,
                  "behaviour": [cfg.baselines.offline_episodes, cfg.baselines.behaviour_epsilon,
-                               cfg.baselines.train_max_steps]},
+                               cfg.baselines.train_max_steps],
+                 # Logged files written before the episodes had fixed ids are rewritten.
+                 "episode_ids": "logged-<row>"},
 )
 BASELINE_STAGE = StageInputs(
     "baseline", ("env",),
-    lambda cfg, algo, train_seed: {
+    lambda cfg, algo, train_seed, logged=None: {
         "algo": algo, "train_seed": train_seed, "baselines": _baselines_settings(cfg),
         "eval": cfg.eval.model_dump(mode="json", include={"num_users", "user_seed", "max_steps", "seeds"}),
-        "simulators": cfg.layout.simulators, "data": cfg.layout.data},
+        "simulators": cfg.layout.simulators, "data": cfg.layout.data,
+        # An offline method by the logged episodes it learns from (by content).
+        **({"logged": Path(logged)} if logged is not None else {})},
 )
 # A method's pooled evaluation: its training seeds' outputs, each by its own resume key.
 POOLED_STAGE = StageInputs("baseline over training seeds", (), lambda cfg, seed_dirs: {"seeds": list(seed_dirs)})
@@ -384,7 +388,8 @@ def baselines_stage(cfg: Config) -> dict[str, Any]:
                     lambda _key: (_train_one_seed(cfg, algo_name, train_seed, seed_dir, algo_env_config(), logged_path,
                                              logged_stats, probe, test_env, users, titles, logger, validation), {}),
                     skipped=lambda _marker: read_json(seed_dir / SUMMARY_FILE), required=(SUMMARY_FILE,),
-                    algo=algo_name, train_seed=train_seed)
+                    algo=algo_name, train_seed=train_seed,
+                    logged=logged_path if algo_name in OFFLINE_ALGOS else None)
             seed_dirs = [algo_dir / f"seed{s}" for s in b.train_seeds]
             summary = run_stage(
                 POOLED_STAGE, cfg, cfg.layout.eval_method(algo_name),
