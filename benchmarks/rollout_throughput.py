@@ -164,12 +164,12 @@ class RawEngine:
         before = prefix_cache_of(self.policy)
         started = time.perf_counter()
         tokens = 0
+        loop = asyncio.get_running_loop()
         for prompts, seeds in waves:
             if isinstance(self.policy, AsyncPolicy):
                 results = await self.policy.generate_async(prompts, seeds, temperature)
                 tokens += sum(r.num_tokens for r in results)
             else:
-                loop = asyncio.get_running_loop()
                 tokens += await loop.run_in_executor(self.pool, self._batches, prompts, seeds, temperature, batch_size)
         seconds = time.perf_counter() - started
         after = prefix_cache_of(self.policy)
@@ -252,27 +252,24 @@ def measure(cfg: Config, args, users: list[int], max_steps: int, out_dir: Path, 
         requests_digest = hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
         if args.no_raw:
             continue
-        # A fresh engine per repeat, like the rollout's replica: a cold prefix cache each time (the
-        # requests repeat exactly), and its CPUs free again for the next rollout's actors.
-        monitor.enter_phase(f"{engine_mode}:startup")
+        # A fresh engine per measurement, like the rollout's replica: a cold prefix cache each time
+        # (the requests repeat exactly; on the raw pass's warm cache the waves would hit more often
+        # than the rollout could), and its CPUs free again for the next rollout's actors.
         sources = run_sources(cfg, model_dir=str(model_dir), split=ro.split, max_steps=max_steps)
-        engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
-            sources.policy_factory, sources.titles
-        )
-        ray.get(engine.ready.remote())
-        monitor.enter_phase(f"{engine_mode}:raw")
-        raws.append(ray.get(engine.generate.remote(prompts, seeds, ro.temperature, ro.max_batch_size)))
-        ray.kill(engine)
-        # The waves on a fresh engine too: on the raw pass's warm prefix cache they would hit more
-        # often than the rollout could.
-        monitor.enter_phase(f"{engine_mode}:startup")
-        engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
-            sources.policy_factory, sources.titles
-        )
-        ray.get(engine.ready.remote())
-        monitor.enter_phase(f"{engine_mode}:waves")
-        waves.append(ray.get(engine.generate_waves.remote(step_waves(requests), ro.temperature, ro.max_batch_size)))
-        ray.kill(engine)
+
+        def on_fresh_engine(phase: str, method: str, *call_args):
+            monitor.enter_phase(f"{engine_mode}:startup")
+            engine = RawEngine.options(num_cpus=ro.replica_num_cpus, num_gpus=ro.replica_num_gpus).remote(
+                sources.policy_factory, sources.titles
+            )
+            ray.get(engine.ready.remote())
+            monitor.enter_phase(f"{engine_mode}:{phase}")
+            result = ray.get(getattr(engine, method).remote(*call_args))
+            ray.kill(engine)
+            return result
+
+        raws.append(on_fresh_engine("raw", "generate", prompts, seeds, ro.temperature, ro.max_batch_size))
+        waves.append(on_fresh_engine("waves", "generate_waves", step_waves(requests), ro.temperature, ro.max_batch_size))
         monitor.enter_phase("between")
     caches = [s["prefix_cache"] for r in rollouts for s in r["replica_stats"] if s and "prefix_cache" in s]
     rollout_cache = {k: sum(c[k] for c in caches) for k in ("queries", "hits")} if caches else None
