@@ -97,3 +97,51 @@ def test_report_tables_and_plots(tmp_path):
     results = json.loads((cfg.run_dir / "results.json").read_text())
     assert set(results["results"]) == {"base", "ulrec-p", "ulrec", "dqn"}
     assert table_main({}) == "_no evaluated methods_\n"
+
+
+def _baseline(len_mean: float, planned: int, curves: dict[str, list[tuple[int, float]]] | None = None) -> dict:
+    summary = {"len_mean": len_mean, "len_std": 0.5, "reward_mean": 3 * len_mean, "reward_std": 1.0,
+               "budget": {"planned": planned, "done": planned, "unit": "env_steps"}}
+    if curves is not None:
+        summary["curves"] = {s: [{"done": d, "len_mean": v} for d, v in c] for s, c in curves.items()}
+    return summary
+
+
+def test_converged_comparison_gives_ratios_stopping_points_and_rank_agreement():
+    from ulrec.report import converged_comparison
+
+    here = {"a2c": _baseline(5.0, 10_000), "dorl": _baseline(6.0, 10_000), "dqn": _baseline(4.0, 2_000),
+            "bcq": _baseline(3.0, 500)}
+    converged = {"a2c": _baseline(10.0, 100_000, {"0": [(10, 8.0), (20, 10.0), (30, 9.0)], "1": [(10, 7.0)]}),
+                 "dorl": _baseline(12.0, 100_000), "dqn": _baseline(8.0, 100_000), "bcq": _baseline(9.0, 100_000)}
+    cmp = converged_comparison(here, converged)
+    rows = {r["method"]: r for r in cmp["rows"]}
+    assert rows["a2c"]["ratio"] == pytest.approx(0.5) and rows["dqn"]["budget"] == 2_000
+    # seed 0 stopped at 30 after its best at 20; seed 1 stopped at its only point
+    assert rows["a2c"]["converged_stopped_at"] == [30.0, 10.0] and rows["a2c"]["converged_best_at"] == [20.0, 10.0]
+    assert cmp["ranking"] == ["dorl", "a2c", "dqn", "bcq"] and cmp["converged_ranking"] == ["dorl", "a2c", "bcq", "dqn"]
+    # of the six pairs only (dqn, bcq) swaps; the three ranked methods keep their order
+    assert (cmp["pairs_same_order"], cmp["pairs"]) == (5, 6) and cmp["same_order_ranked"] is True
+    swapped = converged_comparison(here, {**converged, "dqn": _baseline(11.0, 100_000)})
+    assert swapped["same_order_ranked"] is False
+
+
+def test_report_compares_the_baselines_with_the_converged_run(tmp_path):
+    from ulrec.config import ConfigError
+
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=small", "baselines.converged_run=big"])
+    for run, lengths in {"small": {"dqn": [3, 3], "a2c": [4, 4]}, "big": {"dqn": [8, 8], "a2c": [6, 6]}}.items():
+        for method, ls in lengths.items():
+            d = tmp_path / run / "eval" / method
+            d.mkdir(parents=True)
+            write_episodes(_episodes(method, {0: ls, 1: ls, 2: ls}).to_dict("records"), d / "episodes")
+    md = open(build_report(cfg)["report"]).read()
+    assert "## RL baselines against their converged run" in md
+    assert "A2C, DQN in the same order as converged: **no**" in md  # small: A2C > DQN; big: DQN > A2C
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    assert results["converged_baselines"]["run"] == "big"
+    # a converged run with nothing in it yet: one line, no comparison
+    empty = load_config(None, [f"run.root={tmp_path}", "run.name=small", "baselines.converged_run=none-yet"])
+    assert "No converged baselines under" in open(build_report(empty)["report"]).read()
+    with pytest.raises(ConfigError):
+        load_config(None, ["baselines.converged_run=../elsewhere"])

@@ -515,6 +515,8 @@ class PipelineConfig(Section):
 
 # ----------------------------------------------------------------------------------------- baselines
 class BaselinesConfig(Section):
+    not_stage_inputs: ClassVar[frozenset[str]] = frozenset({"converged_run"})
+
     enabled: bool = False
     algos: list[Literal["dqn", "a2c", "dorl", "cql", "bcq", "crr", "sqn"]] = Field(
         default_factory=lambda: ["dqn", "a2c", "cql", "bcq", "crr", "sqn", "dorl"]
@@ -572,6 +574,18 @@ class BaselinesConfig(Section):
     curve_points: int = Field(default=0, ge=0)
     curve_validation_users: int = Field(default=50, ge=1)
     patience: int | None = Field(default=None, ge=1)
+    # A run under the same run.root whose baselines were trained to convergence on the same data,
+    # simulators and protocol (configs/baselines.yaml: "baselines"); the report then says how far
+    # below it this run's (small) budget is and whether the two rank the methods alike. Read by
+    # the report only: not a resume input of any stage.
+    converged_run: str | None = None
+
+    @field_validator("converged_run")
+    @classmethod
+    def _converged_run_is_a_run_name(cls, value: str | None) -> str | None:
+        if value is not None and (not _RUN_NAME.fullmatch(value) or ".." in value):
+            raise ValueError("must be a run name under run.root (letters, digits, '.', '_', '-')")
+        return value
 
     @model_validator(mode="after")
     def _patience_needs_points(self) -> "BaselinesConfig":

@@ -259,6 +259,94 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------- baselines against convergence
+# The methods whose order a small budget must keep (issue: the quickstart against configs/baselines.yaml).
+RANKED_BASELINES = ("a2c", "dorl", "dqn")
+
+
+def _by_len(results: dict[str, dict[str, Any]], methods: list[str]) -> list[str]:
+    # Stable on BASELINE_ORDER, so a tie keeps the table's order.
+    return sorted(methods, key=lambda m: -results[m]["len_mean"])
+
+
+def _stopping_points(summary: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per training seed: budget spent when it stopped, and the point evaluated (its best)."""
+    stopped, best = [], []
+    for curve in (summary.get("curves") or {}).values():
+        if curve:
+            stopped.append(float(curve[-1]["done"]))
+            top = max(p["len_mean"] for p in curve)
+            best.append(float(next(p["done"] for p in curve if p["len_mean"] == top)))
+    return stopped, best
+
+
+def converged_comparison(results: dict[str, dict[str, Any]], converged: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """This run's RL baselines against the same methods trained to convergence: Len here and
+    there, their ratio, where the converged seeds stopped, and whether both rank the methods alike
+    (by mean Len; ``pairs_same_order`` counts the method pairs whose order agrees)."""
+    methods = [m for m in BASELINE_ORDER if m in results and m in converged]
+    rows = []
+    for m in methods:
+        here, there = results[m], converged[m]
+        stopped, best = _stopping_points(there)
+        rows.append({
+            "method": m, "len_mean": here["len_mean"], "len_std": here["len_std"],
+            "converged_len_mean": there["len_mean"], "converged_len_std": there["len_std"],
+            "ratio": here["len_mean"] / there["len_mean"] if there["len_mean"] > 0 else None,
+            "budget": here.get("budget", {}).get("planned"), "converged_budget": there.get("budget", {}).get("planned"),
+            "unit": there.get("budget", {}).get("unit", ""),
+            "converged_stopped_at": stopped, "converged_best_at": best,
+        })
+    pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    same = sum((results[a]["len_mean"] - results[b]["len_mean"]) * (converged[a]["len_mean"] - converged[b]["len_mean"]) > 0
+               for a, b in pairs)
+    ranked = [m for m in RANKED_BASELINES if m in methods]
+    return {
+        "rows": rows,
+        "ranking": _by_len(results, methods), "converged_ranking": _by_len(converged, methods),
+        "pairs_same_order": int(same), "pairs": len(pairs),
+        "ranked_methods": ranked,
+        "same_order_ranked": _by_len(results, ranked) == _by_len(converged, ranked) if len(ranked) > 1 else None,
+    }
+
+
+def converged_section(cfg: Config, results: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """The report's comparison with ``baselines.converged_run`` (markdown lines, payload)."""
+    name = cfg.baselines.converged_run
+    if name is None or not any(m in results for m in BASELINE_ORDER):
+        return [], {}
+    converged_dir = Path(cfg.run.root) / name
+    converged = {m: s for m, s in collect_results(converged_dir).items() if m in BASELINE_ORDER}
+    md = ["## RL baselines against their converged run", ""]
+    if not any(m in converged for m in results):
+        md += [f"No converged baselines under `{converged_dir}` yet (`ulrec baselines --config "
+               "configs/baselines.yaml` trains them).", ""]
+        return md, {}
+    cmp = converged_comparison(results, converged)
+
+    def spent(values: list[float]) -> str:
+        return ", ".join(f"{v / 1000:g}k" for v in values) if values else "–"
+
+    md += [f"Run `{name}`: the same methods trained until their validation Len stopped improving "
+           "(each seed's best point evaluated on the test simulator). Len, mean ± std over training seeds.", "",
+           "| method | Len here | budget here | Len converged | converged: stopped at / best at (per seed) | here / converged |",
+           "|---|---|---|---|---|---|"]
+    for r in cmp["rows"]:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "–"
+        md.append(f"| {_label(r['method'])} | {_fmt(r['len_mean'], r['len_std'])} | {r['budget']} {r['unit']} | "
+                  f"{_fmt(r['converged_len_mean'], r['converged_len_std'])} | "
+                  f"{spent(r['converged_stopped_at'])} / {spent(r['converged_best_at'])} | {ratio} |")
+    order = " > ".join(_label(m) for m in cmp["ranking"])
+    converged_order = " > ".join(_label(m) for m in cmp["converged_ranking"])
+    md += ["", f"By mean Len, here: {order}; converged: {converged_order} "
+           f"({cmp['pairs_same_order']} of {cmp['pairs']} pairs in the same order)."]
+    if cmp["same_order_ranked"] is not None:
+        ranked = ", ".join(_label(m) for m in cmp["ranked_methods"])
+        md.append(f"{ranked} in the same order as converged: **{'yes' if cmp['same_order_ranked'] else 'no'}**.")
+    md.append("")
+    return md, {"run": name, **cmp}
+
+
 # ------------------------------------------------------------------------------------------ report
 BASELINE_BUDGET_KEYS = (
     "online_env_steps", "onpolicy_env_steps", "offline_updates", "offline_episodes", "batch_size",
@@ -448,6 +536,8 @@ def build_report(cfg: Config) -> dict[str, Any]:
         md += ["## Iterative rounds", "", "| round | ULRec Len | Traj Reward |", "|---|---|---|"]
         md += [f"| {r['round']} | {_fmt(r['len_mean'], r['len_std'])} | {_fmt(r['reward_mean'], r['reward_std'])} |" for r in rounds]
         md.append("")
+    converged_md, converged = converged_section(cfg, results)
+    md += converged_md
     md += budget_section(cfg, results, run_dir)
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
@@ -463,6 +553,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "results": results,
         "sweep": sweep,
         "rounds": rounds,
+        "converged_baselines": converged,
         "plots": plots,
         "config": cfg.model_dump(mode="json"),
     }

@@ -68,7 +68,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def _baselines_settings(cfg: Config) -> dict[str, Any]:
     # Each training seed has its own resume key, so adding a seed trains only that one.
-    return cfg.baselines.model_dump(mode="json", exclude={"algos", "enabled", "train_seeds"})
+    return cfg.baselines.model_dump(mode="json", exclude={"algos", "enabled", "train_seeds", *cfg.baselines.not_stage_inputs})
 
 
 def over_train_seeds(per_seed: dict[int, dict[str, Any]], pooled: dict[str, Any]) -> dict[str, Any]:
