@@ -325,7 +325,10 @@ def converged_section(cfg: Config, results: dict[str, dict[str, Any]]) -> tuple[
     cmp = converged_comparison(results, converged)
 
     def spent(values: list[float]) -> str:
-        return ", ".join(f"{v / 1000:g}k" for v in values) if values else "–"
+        return ", ".join(f"{v / 1000:.0f}k" for v in values) if values else "–"
+
+    def budget(planned: int | None, unit: str) -> str:
+        return f"{planned:,} {unit.replace('_', ' ')}" if planned is not None else "–"
 
     md += [f"Run `{name}`: the same methods trained until their validation Len stopped improving "
            "(each seed's best point evaluated on the test simulator). Len, mean ± std over training seeds.", "",
@@ -333,7 +336,7 @@ def converged_section(cfg: Config, results: dict[str, dict[str, Any]]) -> tuple[
            "|---|---|---|---|---|---|"]
     for r in cmp["rows"]:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "–"
-        md.append(f"| {_label(r['method'])} | {_fmt(r['len_mean'], r['len_std'])} | {r['budget']} {r['unit']} | "
+        md.append(f"| {_label(r['method'])} | {_fmt(r['len_mean'], r['len_std'])} | {budget(r['budget'], r['unit'])} | "
                   f"{_fmt(r['converged_len_mean'], r['converged_len_std'])} | "
                   f"{spent(r['converged_stopped_at'])} / {spent(r['converged_best_at'])} | {ratio} |")
     order = " > ".join(_label(m) for m in cmp["ranking"])
