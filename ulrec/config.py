@@ -41,6 +41,17 @@ class Section(BaseModel):
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def _one_run_directory(value: str) -> str:
+    if not _RUN_NAME.fullmatch(value) or ".." in value:
+        raise ValueError("must be one directory name under run.root (letters, digits, '.', '_', '-'; "
+                         "no '/', no '..', not starting with '.')")
+    return value
+
+
+# run.name and every key that names another run under run.root (baselines.converged_run).
+RunName = Annotated[str, AfterValidator(_one_run_directory)]
+
+
 # --------------------------------------------------------------------------------------- run / ray
 def _custom_resources(value: dict[str, float]) -> dict[str, float]:
     builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(value)
@@ -58,7 +69,7 @@ CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 class RunConfig(Section):
-    name: str = "quickstart"
+    name: RunName = "quickstart"
     # Every stage writes below <root>/<name>/.
     root: str = "runs"
     seed: int = 0
@@ -68,14 +79,6 @@ class RunConfig(Section):
     # None → <root>/<name>/ray_train. A multi-node cluster needs storage every node reaches
     # (ulrec/storage.py). Not part of any resume key: it changes where, not what.
     train_storage: Annotated[str, AfterValidator(check_storage_uri)] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _one_directory(cls, value: str) -> str:
-        if not _RUN_NAME.fullmatch(value) or ".." in value:
-            raise ValueError("must be one directory name under run.root (letters, digits, '.', '_', '-'; "
-                             "no '/', no '..', not starting with '.')")
-        return value
 
     @property
     def dir(self) -> Path:
@@ -578,14 +581,7 @@ class BaselinesConfig(Section):
     # simulators and protocol (configs/baselines.yaml: "baselines"); the report then says how far
     # below it this run's (small) budget is and whether the two rank the methods alike. Read by
     # the report only: not a resume input of any stage.
-    converged_run: str | None = None
-
-    @field_validator("converged_run")
-    @classmethod
-    def _converged_run_is_a_run_name(cls, value: str | None) -> str | None:
-        if value is not None and (not _RUN_NAME.fullmatch(value) or ".." in value):
-            raise ValueError("must be a run name under run.root (letters, digits, '.', '_', '-')")
-        return value
+    converged_run: RunName | None = None
 
     @model_validator(mode="after")
     def _patience_needs_points(self) -> "BaselinesConfig":

@@ -315,7 +315,7 @@ def converged_section(cfg: Config, results: dict[str, dict[str, Any]]) -> tuple[
     name = cfg.baselines.converged_run
     if name is None or not any(m in results for m in BASELINE_ORDER):
         return [], {}
-    converged_dir = Path(cfg.run.root) / name
+    converged_dir = cfg.run.model_copy(update={"name": name}).dir
     converged = {m: s for m, s in collect_results(converged_dir).items() if m in BASELINE_ORDER}
     md = ["## RL baselines against their converged run", ""]
     if not any(m in converged for m in results):
