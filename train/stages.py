@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from ulrec.ray_session import init_ray
 from ulrec.config import Config, KTOConfigSection, SFTConfigSection, TrainScaling
 from ulrec.errors import DataError
 from ulrec.checks import check_model_dir, check_model_finite, check_parquet
@@ -343,6 +342,8 @@ def worker_resources(scaling: TrainScaling) -> dict[str, float]:
 def _run_on_ray(cfg: Config, job: TrainJob, scaling: TrainScaling, resume_key: str, out_dir: Path) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from ulrec.ray_session import init_ray  # here: build_trainer must import without Ray (GPU benchmark)
 
     init_ray(cfg)
     from rollout.engines import make_room
