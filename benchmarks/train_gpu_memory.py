@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ulrec.io import write_json, write_text  # noqa: E402
 from ulrec.runtime_env import apply_defaults  # noqa: E402
 
 apply_defaults(extra={"WANDB_MODE": "disabled"})
@@ -176,7 +177,7 @@ def measure(mode: str, model_dir: str, rows_path: str, batch: int, max_length: i
         result["oom"] = str(exc).splitlines()[0]
         if use_gpu:
             result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
-    Path(result_file).write_text(json.dumps(result, indent=2))
+    write_json(result_file, result)  # atomic: the parent may kill a child mid-write on timeout
 
 
 def markdown(report: dict) -> str:
@@ -251,10 +252,8 @@ def main() -> None:
             report["modes"].append(result)
             print(json.dumps(result), flush=True)
         out = Path(args.out)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
-        out.with_suffix(".md").write_text(markdown(report))
+        write_json(out, report)
+        write_text(out.with_suffix(".md"), markdown(report))
         print(markdown(report))
     finally:
         shutil.rmtree(work, ignore_errors=True)
