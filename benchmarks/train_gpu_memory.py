@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ulrec.io import write_json, write_text  # noqa: E402
+from ulrec.io import read_json, write_json, write_text  # noqa: E402
 from ulrec.runtime_env import apply_defaults  # noqa: E402
 
 apply_defaults(extra={"WANDB_MODE": "disabled"})
@@ -246,15 +246,16 @@ def main() -> None:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-            result = json.loads(result_file.read_text()) if result_file.is_file() else {
+            result = read_json(result_file) if result_file.is_file() else {
                 "mode": mode, "error": f"exit code {proc.exitcode}" if proc.exitcode is not None else "timed out"}
             result["plan_gb"] = PLAN_GB.get((args.shape, mode))
             report["modes"].append(result)
             print(json.dumps(result), flush=True)
         out = Path(args.out)
         write_json(out, report)
-        write_text(out.with_suffix(".md"), markdown(report))
-        print(markdown(report))
+        table = markdown(report)
+        write_text(out.with_suffix(".md"), table)
+        print(table)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
